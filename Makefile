@@ -1,0 +1,44 @@
+# saferclip — one set-up command, one main job, one test command (see README.md).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ACT := source $(VENV)/bin/activate &&
+PROFILE ?= world
+FULL ?= False
+
+.PHONY: setup data reproduce test test-nbs test-py bench clean-cache
+
+$(VENV)/bin/activate:
+	python3 -m venv $(VENV)
+
+## setup: virtualenv + package (editable) + dev tools + the Fashion-MNIST Debian package when root/apt exist (idempotent)
+setup: $(VENV)/bin/activate
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	$(MAKE) data
+
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -n "$$SAFERCLIP_DATA" ]; then echo "fashion-mnist: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null && echo "fashion-mnist: installed"; \
+	else echo "fashion-mnist: not installed; run 'sudo apt-get install -y dataset-fashion-mnist' or set SAFERCLIP_DATA"; fi
+
+## reproduce: the main job on the embedded offline world (PROFILE=paper for ViT-L-14 + ViSU; FULL=True adds seeds + sweeps)
+reproduce:
+	$(ACT) python -m saferclip.reproduce --profile $(PROFILE) --full $(FULL)
+
+## test: every notebook (nbdev_test, slow cells skipped) and the pytest suite
+test: test-nbs test-py
+
+test-nbs:
+	$(ACT) nbdev_test --n_workers 2
+
+test-py:
+	$(ACT) python -m pytest -q tests
+
+bench:
+	$(ACT) for b in benchmarks/*.py; do python $$b || exit 1; done
+
+clean-cache:
+	rm -rf data runs
