@@ -292,3 +292,17 @@ def test_loss_for_method_registry():
         loss_for_method("safe-only", {"redir_txt": 0.1})
     with pytest.raises(ValueError, match="SafeCLIPWeights"):
         weights_for_method("safeclip", SaferCLIPWeights())
+
+
+def test_losses_run_in_full_precision_under_autocast():
+    g = torch.Generator().manual_seed(13)
+    x, y, z = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    ref_nce, ref_rel = clip_infonce(x, y), relative_redirection_loss(x, y, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nce, rel = clip_infonce(x, y), relative_redirection_loss(x, y, z)
+        unguarded = clip_infonce.__wrapped__(x, y)
+    assert nce.dtype == torch.float32 and rel.dtype == torch.float32
+    assert nce.item() == pytest.approx(ref_nce.item(), abs=1e-5)
+    assert rel.item() == pytest.approx(ref_rel.item(), abs=1e-6)
+    # the guard matters: the same computation with bf16 matmuls is visibly off
+    assert abs(unguarded.item() - ref_nce.item()) > 1e-3
