@@ -15,7 +15,7 @@ $(VENV)/bin/activate:
 ## setup: virtualenv + package (editable) + dev tools + the Fashion-MNIST Debian package when root/apt exist (idempotent)
 setup: $(VENV)/bin/activate
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,paper,generation]"
 	$(MAKE) data
 
 data:

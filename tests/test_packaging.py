@@ -32,7 +32,8 @@ def test_environment_yml_matches_settings_ini():
         if key.endswith("_extra_requirements"):
             reqs += shlex.split(d[key])
     pip = [r for r in _env_yml_pip() if r != "-e ."]
-    assert sorted(pip) == sorted(reqs), set(pip) ^ set(reqs)
+    assert len(pip) == len(set(pip)), "environment.yml lists a package twice"
+    assert set(pip) == set(reqs), set(pip) ^ set(reqs)
     py = re.search(r"-\s*python>=([\d.]+)", (ROOT / "environment.yml").read_text())
     assert py and py.group(1) == d["min_python"]
 

@@ -127,3 +127,39 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, toy_data, monkeypatch):
         T.train(_cfg(tmp_path, "nan", method="saferclip"))
     assert not (tmp_path / "nan" / "final.safetensors").exists()
     assert not (tmp_path / "nan" / "state.safetensors").exists()
+
+
+def _parameters_cell():
+    nb = json.loads((ROOT / "nbs" / "02_train.ipynb").read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    i = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    return i, "".join(cells[i]["source"])
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_parameters_cell_mirrors_train_config():
+    i, src = _parameters_cell()
+    assert i <= 2, "the parameters cell must come first"
+    ns = {}
+    exec(src, ns)
+    defaults = T.TrainConfig()
+    for f in __import__("dataclasses").fields(T.TrainConfig):
+        assert f.name in ns, f"parameters cell lacks {f.name}"
+        assert ns[f.name] == getattr(defaults, f.name) or (
+            isinstance(ns[f.name], tuple) and tuple(ns[f.name]) == getattr(defaults, f.name)), f.name
+
+
+@pytest.mark.parametrize("params,msg", [({"method": "nope"}, "method='nope' is not valid"),
+                                        ({"epochz": 3}, "unknown parameter")])
+def test_papermill_bad_parameters_fail_in_first_cells(tmp_path, params, msg):
+    papermill = pytest.importorskip("papermill")
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        papermill.execute_notebook(str(ROOT / "nbs" / "02_train.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters=params, cwd=str(ROOT / "nbs"), progress_bar=False)
+    assert msg in str(e.value.evalue)
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    code = [c for c in out["cells"] if c["cell_type"] == "code"]
+    failed = next(i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+    assert failed <= 4, f"failed in code cell {failed}, not in the first cells"
