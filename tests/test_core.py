@@ -116,3 +116,11 @@ def test_encode_image_files(tmp_path, tiny_clip):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         encode_images(model, [tmp_path / "broken.png"], preprocess=pre)
+
+
+def test_openai_tags_resolve_to_quickgelu():
+    from saferclip.core import resolve_arch
+    assert resolve_arch("ViT-L-14", "openai") == "ViT-L-14-quickgelu"
+    assert resolve_arch("ViT-L-14-quickgelu", "openai") == "ViT-L-14-quickgelu"
+    assert resolve_arch(TINY_ARCH, None) == TINY_ARCH
+    assert resolve_arch("ViT-L-14", "some/file.safetensors") == "ViT-L-14"
