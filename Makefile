@@ -7,7 +7,7 @@ ACT := source $(VENV)/bin/activate &&
 PROFILE ?= world
 FULL ?= False
 
-.PHONY: setup data reproduce test test-nbs test-py bench clean-cache
+.PHONY: setup data reproduce test test-nbs test-py bench clean-cache readme
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -42,3 +42,6 @@ bench:
 
 clean-cache:
 	rm -rf data runs
+
+readme:
+	$(ACT) python -c "from saferclip.reproduce import write_readme; write_readme('.')"

@@ -62,3 +62,10 @@ def test_no_machine_paths_committed():
     for p in list((ROOT / "saferclip").glob("*.py")) + list((ROOT / "nbs").glob("*.ipynb")) + [ROOT / "README.md"]:
         if p.exists():
             assert not bad.search(p.read_text()), p
+
+
+def test_no_machine_paths_in_results():
+    bad = re.compile(r"/(work|root|home/\w+|tmp)/")
+    for p in list((ROOT / "results").rglob("*.md")) + list((ROOT / "results").rglob("*.json")) + \
+            list((ROOT / "results").rglob("*.csv")):
+        assert not bad.search(p.read_text()), p
