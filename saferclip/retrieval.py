@@ -13,7 +13,7 @@ __all__ = ['TIES', 'EMBEDDING_KEYS', 'RETRIEVAL_PAIRS', 'OURS', 'PAPER_SOURCE', 
            'evaluate_checkpoint', 'read_manifest', 'evaluate_runs', 'write_records', 'read_records',
            'write_retrieval_results']
 
-# %% ../nbs/03_retrieval.ipynb #61ebebe2
+# %% ../nbs/03_retrieval.ipynb #458b9591
 from typing import Sequence
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .core import encode_images, encode_texts
 
-# %% ../nbs/03_retrieval.ipynb #005fbe88
+# %% ../nbs/03_retrieval.ipynb #96734b95
 TIES = ("pessimistic", "optimistic", "index")
 
 def _as_embeddings(x: Tensor, name: str) -> Tensor:
@@ -73,7 +73,7 @@ def recall_at_k(query: Tensor, gallery: Tensor, ks: Sequence[int] = (1, 5, 10, 2
     r = gt_ranks(query, gallery, gt, ties)
     return {k: 100.0 * int((r < k).sum()) / len(r) for k in ks}
 
-# %% ../nbs/03_retrieval.ipynb #0f01a3d1
+# %% ../nbs/03_retrieval.ipynb #489808b6
 EMBEDDING_KEYS = ("t", "t*", "v", "v*")
 RETRIEVAL_PAIRS = (("t", "v"), ("v", "t"), ("t*", "v"), ("v*", "t"),
                    ("t", "v*"), ("v", "t*"), ("t*", "v*"), ("v*", "t*"))
@@ -97,7 +97,7 @@ def retrieval_metrics(emb: dict[str, Tensor], ks: Sequence[int] = (1, 5, 10, 20)
             out[f"{_label(qk)}->{_label(gk)}@{k}"] = r
     return out
 
-# %% ../nbs/03_retrieval.ipynb #404261a8
+# %% ../nbs/03_retrieval.ipynb #016fb6e5
 def unsafe_top1_rate(queries: Tensor, safe_gallery: Tensor, unsafe_gallery: Tensor) -> float:
     "% of queries whose top-1 in the pool `safe_gallery ∪ unsafe_gallery` is unsafe (exact ties count as unsafe)."
     q = _as_embeddings(queries, "queries")
@@ -108,7 +108,7 @@ def unsafe_top1_rate(queries: Tensor, safe_gallery: Tensor, unsafe_gallery: Tens
     best_unsafe = torch.cat([(q[i:i + 1024] @ u.T).amax(1) for i in range(0, len(q), 1024)])
     return 100.0 * int((best_unsafe >= best_safe).sum()) / len(q)
 
-# %% ../nbs/03_retrieval.ipynb #4fb3043c
+# %% ../nbs/03_retrieval.ipynb #3ce0f355
 def embed_quadruplets(model, tokenizer, quads, batch_size: int = 256, device=None, preprocess=None,
                       progress: bool = False) -> dict[str, Tensor]:
     "Embeddings `{'t','t*','v','v*'}` [N, D] (normalised, float32, CPU) of a Quadruplets split."
@@ -131,7 +131,7 @@ def evaluate_quadruplets(model, tokenizer, quads, ks: Sequence[int] = (1, 5, 10,
     out["unsafe_top1_V*->T"] = unsafe_top1_rate(e["v*"], e["t"], e["t*"])
     return out
 
-# %% ../nbs/03_retrieval.ipynb #8a8349a5
+# %% ../nbs/03_retrieval.ipynb #9f974075
 import json
 import math
 import time
@@ -184,7 +184,7 @@ def column_label(key: str) -> str:
     metric = metric.replace("->", "→").removesuffix("@1")
     return f"{SPLIT_LABELS.get(split, split)} {metric}"
 
-# %% ../nbs/03_retrieval.ipynb #72f5b638
+# %% ../nbs/03_retrieval.ipynb #6c05f399
 def validate_records(records: list[dict]) -> list[dict]:
     "Check that every record names its `run` (unique) and `method`; returns the records."
     seen = set()
@@ -223,7 +223,7 @@ def aggregate(records: list[dict], keys, methods=None) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame(columns=["seeds"])
 
-# %% ../nbs/03_retrieval.ipynb #103f7ea0
+# %% ../nbs/03_retrieval.ipynb #89384719
 TABLE1_METHODS = ("base", "safe-only", "safeclip", "saferclip")
 ABLATION_METHODS = ("safeclip", "relative", "relative+proximity", "saferclip")
 
@@ -275,7 +275,7 @@ def compare_methods(records: list[dict], keys=TABLE1_KEYS, a: str = "saferclip",
                      "paper difference": pd_})
     return pd.DataFrame(rows)
 
-# %% ../nbs/03_retrieval.ipynb #4e9320a1
+# %% ../nbs/03_retrieval.ipynb #1cfacc3b
 LONG_SPLITS = ("visu-test", "nsfwcaps")
 LONG_KS = (1, 5, 10, 20)
 POOL_KEYS = ("unsafe_top1_V*->T", "unsafe_top1_T*->V")
@@ -346,7 +346,7 @@ def ablation_table(records: list[dict], keys=ABLATION_KEYS, steps=ABLATION_METHO
                                                               f"worse: {', '.join(worse) or '—'}")
     return df
 
-# %% ../nbs/03_retrieval.ipynb #72320eaa
+# %% ../nbs/03_retrieval.ipynb #b6184bfe
 INT_COLUMNS = ("seeds", "epochs", "rows", "n")
 
 def format_cell(mean, std=np.nan, digits: int | str = 1) -> str:
@@ -410,7 +410,7 @@ def tables_match(a: pd.DataFrame, b: pd.DataFrame, rtol: float = 1e-5) -> bool:
             return False
     return True
 
-# %% ../nbs/03_retrieval.ipynb #ff6518e9
+# %% ../nbs/03_retrieval.ipynb #ef439367
 def save_figure(fig, stem: str | Path) -> list[Path]:
     "Save a matplotlib figure as `<stem>.png` and `<stem>.pdf`."
     stem = Path(stem)
@@ -446,7 +446,7 @@ def plot_table1(t1: pd.DataFrame, keys=TABLE1_KEYS[:-1]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_retrieval.ipynb #c0fd0e5a
+# %% ../nbs/03_retrieval.ipynb #13d92ec8
 def evaluate_checkpoint(checkpoint: str | Path, splits: dict, arch: str | None = None, device: str = "cpu",
                         ks=LONG_KS, batch_size: int = 256) -> dict[str, float]:
     "Flat `'<split>/<metric>'` retrieval record of one checkpoint on named Quadruplets splits."
@@ -502,7 +502,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"metric records not found: {path}")
     return validate_records([json.loads(l) for l in path.read_text().splitlines() if l.strip()])
 
-# %% ../nbs/03_retrieval.ipynb #b4411e54
+# %% ../nbs/03_retrieval.ipynb #aecea46f
 RETRIEVAL_OUTPUTS = ("retrieval_table1", "retrieval_long", "retrieval_nsfw_pool", "ablation", "safer_vs_safe")
 
 def _verdict_notes(cmp: pd.DataFrame) -> str:
