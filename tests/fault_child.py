@@ -19,15 +19,10 @@ import torch
 torch.set_num_threads(1)  # deterministic and cheap: the parent compares runs bit for bit
 
 
-def make_quadruplets(n: int, seed: int, name: str, size: int = 64):
-    """n random rows with distinct captions (same recipe as tests/conftest.py)."""
-    from saferclip.data import Quadruplets
-    g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    colours = ["red", "blue", "green", "yellow", "purple", "white"]
-    safe = [f"a {colours[i % 6]} shirt on a beach number {i}" for i in range(n)]
-    unsafe = [f"a {colours[i % 6]} shirt on a beach next to a knife number {i}" for i in range(n)]
-    return Quadruplets([f"r{i}" for i in range(n)], safe, unsafe, img(), img(), ["weapon"] * n, name=name)
+def make_quadruplets(n: int, seed: int, name: str):
+    """n random rows with distinct captions: the same recipe as the test suite (tests/conftest.py)."""
+    from conftest import make_quadruplets as recipe  # tests/ is on sys.path: this script lives there
+    return recipe(n=n, seed=seed, name=name)
 
 
 def hang(marker: Path) -> None:
