@@ -12,6 +12,7 @@ above the pre-stage level, sampled every 10 ms from /proc/self/status (faiss all
 tracemalloc would miss it), plus the process peak from resource.getrusage.
 
     python benchmarks/bench_miner.py [--quick] [--sizes 10000 50000 150000] [--queries 2000]
+    python benchmarks/bench_miner.py --sweep [--kinds clustered]   # HNSW (M, efC, efS) grid at N = 150k
 """
 from __future__ import annotations
 
@@ -134,6 +135,51 @@ def bench_one(kind: str, n: int, d: int, n_queries: int) -> list[dict]:
     return rows
 
 
+def sweep_hnsw(kind: str, n: int, d: int, n_queries: int, grid=((16, 40), (16, 100), (32, 80)),
+               ef_searches=(64, 128, 256)) -> list[dict]:
+    """HNSW (M, efConstruction) x efSearch on one (kind, N): build once per (M, efC), search each efS.
+
+    Ground truth = torch brute force on the sampled queries (the baseline's own answer); its time scaled to N queries
+    is the denominator of the speed-up, as in the main table."""
+    queries, pool = make_data(kind, n, d)
+    qs = np.random.default_rng(1).choice(n, min(n, n_queries), replace=False) if n_queries < n else np.arange(n)
+    qsub = np.ascontiguousarray(queries[qs])
+    scale = n / len(qs)
+    truth, t_t, _ = timed(lambda: torch_top1(qsub, pool))
+    base_total = t_t * scale
+    pn, qn = l2_normalize(pool, "pool"), l2_normalize(qsub, "queries")
+    rows = []
+    with faiss_threads_all():
+        for m, efc in grid:
+            ix, t_b, _ = timed(lambda: build_index(pn, exact=False, index="hnsw", hnsw_m=m, ef_construction=efc))
+            for efs in ef_searches:
+                ix.hnsw.efSearch = int(efs)
+                (_, idx), t_s, _ = timed(lambda: ix.search(qn, 1))
+                total = t_b + t_s * scale
+                rows.append(dict(kind=kind, n=n, queries=len(qs), M=m, efC=efc, efS=efs, build=t_b,
+                                 search=t_s * scale, total=total, torch=base_total, speedup=base_total / total,
+                                 recall=recall_vs_exact(idx[:, 0], truth)))
+            del ix
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """The sweep table and its best setting at recall@1 >= 0.99."""
+    print("\n| data | N | queries searched | M | efC | efS | build s | search s (for N queries) | total s | "
+          "torch s | × faster than torch | recall@1 vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['n']:,} | {r['queries']:,} | {r['M']} | {r['efC']} | {r['efS']} | {r['build']:.1f} | "
+              f"{r['search']:.1f} | {r['total']:.1f} | {r['torch']:.1f} | {r['speedup']:.1f} | {r['recall']:.4f} |")
+    for kind in sorted({r["kind"] for r in rows}):
+        ok = [r for r in rows if r["kind"] == kind and r["recall"] >= 0.99]
+        best = max(ok, key=lambda r: r["speedup"]) if ok else None
+        print(f"HEADLINE miner sweep {kind} N={rows[0]['n']:,}: " + (
+            f"best HNSW at recall >= 0.99: M={best['M']} efC={best['efC']} efS={best['efS']} "
+            f"{best['speedup']:.1f}x (recall {best['recall']:.3f}; goal >= 5x: {'met' if best['speedup'] >= 5 else 'NOT met'})"
+            if best else "no HNSW setting reached recall 0.99"))
+
+
 class faiss_threads_all:
     """faiss on every available core (what mine_targets does by default)."""
 
@@ -152,10 +198,22 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["clustered", "random"])
     ap.add_argument("--queries", type=int, default=None, help="queries actually searched at large N")
     ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--sweep", action="store_true",
+                    help="only the HNSW parameter sweep (M, efConstruction, efSearch) at the largest N")
     a = ap.parse_args()
     sizes = a.sizes or ([10_000, 50_000] if a.quick else [10_000, 50_000, 150_000])
     nq = a.queries or (1000 if a.quick else 2000)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if a.sweep:
+        big = max(a.sizes or [150_000])
+        print(f"bench_miner --sweep: N={big:,}, {a.queries or 2000} sampled queries, load average {os.getloadavg()}",
+              flush=True)
+        rows = []
+        for kind in a.kinds:
+            rows += sweep_hnsw(kind, big, a.dim, a.queries or 2000)
+        print_sweep(rows)
+        print(f"load average at the end {os.getloadavg()}")
+        return
     print(f"bench_miner: faiss {faiss.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} cores, {platform.machine()}, dim {a.dim}, load average {os.getloadavg()}", flush=True)
     rows = []

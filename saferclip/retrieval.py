@@ -6,12 +6,12 @@
 __all__ = ['TIES', 'EMBEDDING_KEYS', 'RETRIEVAL_PAIRS', 'OURS', 'PAPER_SOURCE', 'METHOD_LABELS', 'PAPER_METHOD', 'SPLIT_LABELS',
            'TABLE1_PAIRS', 'TABLE1_KEYS', 'PAPER_TABLE1', 'PAPER_TABLE2_SOURCES', 'PAPER_TABLE2', 'TABLE1_METHODS',
            'ABLATION_METHODS', 'LONG_SPLITS', 'LONG_KS', 'POOL_KEYS', 'POOL_LABELS', 'ABLATION_KEYS', 'LOWER_IS_BETTER',
-           'INT_COLUMNS', 'RETRIEVAL_OUTPUTS', 'gt_ranks', 'recall_at_k', 'retrieval_metrics', 'unsafe_top1_rate',
-           'embed_quadruplets', 'evaluate_quadruplets', 'column_label', 'validate_records', 'merge_records',
-           'aggregate', 'paper_rows', 'table1', 'compare_methods', 'long_table', 'nsfw_pool_table', 'ablation_table',
-           'format_cell', 'markdown_table', 'write_table', 'read_table', 'tables_match', 'save_figure', 'plot_table1',
-           'evaluate_checkpoint', 'read_manifest', 'evaluate_runs', 'write_records', 'read_records',
-           'write_retrieval_results']
+           'INT_COLUMNS', 'EXACT_COLUMNS', 'RETRIEVAL_OUTPUTS', 'gt_ranks', 'recall_at_k', 'retrieval_metrics',
+           'unsafe_top1_rate', 'embed_quadruplets', 'evaluate_quadruplets', 'column_label', 'validate_records',
+           'merge_records', 'aggregate', 'paper_rows', 'table1', 'compare_methods', 'long_table', 'nsfw_pool_table',
+           'ablation_table', 'format_cell', 'markdown_table', 'write_table', 'read_table', 'tables_match',
+           'save_figure', 'plot_table1', 'evaluate_checkpoint', 'read_manifest', 'evaluate_runs', 'write_records',
+           'read_records', 'write_retrieval_results']
 
 # %% ../nbs/03_retrieval.ipynb #458b9591
 from typing import Sequence
@@ -348,6 +348,7 @@ def ablation_table(records: list[dict], keys=ABLATION_KEYS, steps=ABLATION_METHO
 
 # %% ../nbs/03_retrieval.ipynb #b6184bfe
 INT_COLUMNS = ("seeds", "epochs", "rows", "n")
+EXACT_COLUMNS = ("redirection_scale",)   # settings, printed as given (0.25, not 0.2)
 
 def format_cell(mean, std=np.nan, digits: int | str = 1) -> str:
     "'52.3 ± 1.2', '52.3' (no std) or '—' (missing); `digits` = decimals or a format spec such as '.3g'."
@@ -371,6 +372,8 @@ def markdown_table(df: pd.DataFrame, digits: int | str = 1, drop=("method",), re
             v = row[c]
             if c in INT_COLUMNS:
                 cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
+            elif c in EXACT_COLUMNS:
+                cells.append(f"{v:g}" if isinstance(v, (int, float, np.floating, np.integer)) else str(v))
             elif isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
                 cells.append(format_cell(float(v), float(row.get(f"{c} std", np.nan)), digits))
             else:

@@ -10,7 +10,7 @@ from saferclip.drift import drift_table, drift_curves
 from saferclip.reproduce import OUTPUTS, missing_outputs, output_paths
 from saferclip.retrieval import (ablation_table, long_table, nsfw_pool_table, read_records, read_table, table1,
                                  tables_match)
-from saferclip.zeroshot import zeroshot_table
+from saferclip.zeroshot import frontier_table, zeroshot_table
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "results" / "runs_meta"
@@ -44,6 +44,15 @@ def test_committed_tables_rebuild_from_committed_records(builder, records, table
     rebuilt = builder(read_records(META / records))
     committed = read_table(ROOT / "results" / table)
     assert tables_match(rebuilt, committed), f"rebuilding results/{table} from runs_meta/{records} differs"
+
+
+def test_committed_frontier_rebuilds_from_committed_records():
+    """The FULL-mode outputs are committed too: the frontier table is what its records give."""
+    missing = missing_outputs(ROOT, full=True)
+    assert not missing, f"FULL-mode outputs missing; run `make reproduce FULL=True`: {[str(p) for p in missing]}"
+    rebuilt = frontier_table(read_records(META / "frontier_records.jsonl"))
+    assert tables_match(rebuilt, read_table(ROOT / "results" / "frontier.csv"))
+    assert {float(a) for a in rebuilt.redirection_scale} >= {0.25, 0.5, 1.0, 2.0, 4.0}, "the sweep needs >= 4 weights"
 
 
 def test_committed_drift_table_rebuilds_from_committed_logs():

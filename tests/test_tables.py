@@ -123,6 +123,9 @@ def test_markdown_and_roundtrip(tmp_path):
     assert not tables_match(table1(records(values=dict(VALUES, saferclip=46.0))), read_table(csv))
     assert format_cell(float("nan")) == "—" and format_cell(2.0) == "2.0"
     assert "| a |" in markdown_table(pd.DataFrame({"a": [1.0]}), drop=())
+    # settings columns print exactly (α = 0.25 must not read 0.2); metrics keep the fixed digits
+    md = markdown_table(pd.DataFrame({"redirection_scale": [0.25, 4.0], "zeroshot/mean": [61.25, 61.0]}))
+    assert "| 0.25 | 61.2 |" in md and "| 4 | 61.0 |" in md
 
 
 def test_records_roundtrip(tmp_path):
