@@ -75,6 +75,13 @@ def make_data(kind: str, n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.
     return queries, pool
 
 
+def sample_queries(queries: np.ndarray, n_queries: int) -> tuple[np.ndarray, float]:
+    """(the searched sample of `queries`, N / sample size): all of them when n_queries >= N, else a seeded sample."""
+    n = len(queries)
+    qs = np.random.default_rng(1).choice(n, n_queries, replace=False) if n_queries < n else np.arange(n)
+    return np.ascontiguousarray(queries[qs]), n / len(qs)
+
+
 def torch_top1(queries: np.ndarray, pool: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """The baseline: L2-normalise, chunked matmul, argmax (torch, all threads)."""
     q = torch.nn.functional.normalize(torch.from_numpy(queries), dim=-1)
@@ -97,9 +104,7 @@ def timed(fn):
 def bench_one(kind: str, n: int, d: int, n_queries: int) -> list[dict]:
     """All methods on one (kind, N)."""
     queries, pool = make_data(kind, n, d)
-    qs = np.random.default_rng(1).choice(n, min(n, n_queries), replace=False) if n_queries < n else np.arange(n)
-    qsub = np.ascontiguousarray(queries[qs])
-    scale = n / len(qs)
+    qsub, scale = sample_queries(queries, n_queries)
     rows = []
     ex, t_ex, m_ex = timed(lambda: mine_targets(qsub, pool, k=1, exact=True)[0][:, 0])
     rows.append(dict(method="faiss exact (IndexFlatIP)", build=0.0, search=t_ex * scale, mem=m_ex.extra, recall=1.0))
@@ -126,9 +131,9 @@ def bench_one(kind: str, n: int, d: int, n_queries: int) -> list[dict]:
     ap_idx, t_api, _ = timed(lambda: mine_targets(qsub, pool, k=1, exact=False, index="hnsw")[0][:, 0])
     rows.append(dict(method="mine_targets(exact=False, hnsw) end to end", build=float("nan"), search=float("nan"),
                      total_override=None, mem=float("nan"), recall=recall_vs_exact(ap_idx, ex),
-                     api_seconds=t_api, api_queries=len(qs)))
+                     api_seconds=t_api, api_queries=len(qsub)))
     for r in rows:
-        r.update(kind=kind, n=n, queries=len(qs))
+        r.update(kind=kind, n=n, queries=len(qsub))
         if "api_seconds" not in r:
             r["total"] = r["build"] + r["search"]
             r["speedup"] = base_total / r["total"]
@@ -142,9 +147,7 @@ def sweep_hnsw(kind: str, n: int, d: int, n_queries: int, grid=((16, 40), (16, 1
     Ground truth = torch brute force on the sampled queries (the baseline's own answer); its time scaled to N queries
     is the denominator of the speed-up, as in the main table."""
     queries, pool = make_data(kind, n, d)
-    qs = np.random.default_rng(1).choice(n, min(n, n_queries), replace=False) if n_queries < n else np.arange(n)
-    qsub = np.ascontiguousarray(queries[qs])
-    scale = n / len(qs)
+    qsub, scale = sample_queries(queries, n_queries)
     truth, t_t, _ = timed(lambda: torch_top1(qsub, pool))
     base_total = t_t * scale
     pn, qn = l2_normalize(pool, "pool"), l2_normalize(qsub, "queries")
@@ -156,7 +159,7 @@ def sweep_hnsw(kind: str, n: int, d: int, n_queries: int, grid=((16, 40), (16, 1
                 ix.hnsw.efSearch = int(efs)
                 (_, idx), t_s, _ = timed(lambda: ix.search(qn, 1))
                 total = t_b + t_s * scale
-                rows.append(dict(kind=kind, n=n, queries=len(qs), M=m, efC=efc, efS=efs, build=t_b,
+                rows.append(dict(kind=kind, n=n, queries=len(qsub), M=m, efC=efc, efS=efs, build=t_b,
                                  search=t_s * scale, total=total, torch=base_total, speedup=base_total / total,
                                  recall=recall_vs_exact(idx[:, 0], truth)))
             del ix
