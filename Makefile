@@ -7,16 +7,20 @@ ACT := source $(VENV)/bin/activate &&
 PROFILE ?= world
 FULL ?= False
 
-.PHONY: setup data reproduce test test-nbs test-py bench clean-cache readme
+STAMP := $(VENV)/.saferclip-setup
 
-$(VENV)/bin/activate:
-	python3 -m venv $(VENV)
+.PHONY: setup data reproduce base test test-nbs test-py bench clean-cache readme
 
-## setup: virtualenv + package (editable) + dev tools + the Fashion-MNIST Debian package when root/apt exist (idempotent)
-setup: $(VENV)/bin/activate
+## setup: virtualenv + package (editable) + dev tools + the Fashion-MNIST Debian package when root/apt exist.
+## Every target below depends on it; it re-runs only when setup.py / settings.ini change (or the venv is gone).
+$(STAMP): setup.py settings.ini
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[dev,paper,generation]"
-	$(MAKE) data
+	$(MAKE) --no-print-directory data
+	touch $(STAMP)
+
+setup: $(STAMP)
 
 data:
 	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -n "$$SAFERCLIP_DATA" ]; then echo "fashion-mnist: present"; \
@@ -25,11 +29,17 @@ data:
 	else echo "fashion-mnist: not installed; run 'sudo apt-get install -y dataset-fashion-mnist' or set SAFERCLIP_DATA"; fi
 
 ## reproduce: the main job on the embedded offline world (PROFILE=paper for ViT-L-14 + ViSU; FULL=True adds seeds + sweeps)
-reproduce:
+reproduce: $(STAMP)
 	$(ACT) python -m saferclip.reproduce --profile $(PROFILE) --full $(FULL)
 
+## base: re-pretrain the shipped world base from scratch (about an hour on 2 cores) and print its premise report
+## beside the shipped one's; `python -m saferclip.base --install --results results` replaces the shipped file
+base: $(STAMP)
+	$(ACT) python -m saferclip.base
+
 ## test: every notebook (nbdev_test, slow cells skipped) and the pytest suite
-test: test-nbs test-py
+test: $(STAMP)
+	$(MAKE) --no-print-directory test-nbs test-py
 
 test-nbs:
 	$(ACT) nbdev_test --n_workers 2
@@ -37,7 +47,7 @@ test-nbs:
 test-py:
 	$(ACT) python -m pytest -q tests
 
-bench:
+bench: $(STAMP)
 	$(ACT) for b in benchmarks/*.py; do python $$b || exit 1; done
 
 clean-cache:

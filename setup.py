@@ -34,7 +34,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(),
     include_package_data=True,
-    package_data={'saferclip': ['model_configs/*.json']},
+    package_data={'saferclip': ['model_configs/*.json', 'weights/*.safetensors', 'weights/*.json']},
     install_requires=requirements,
     extras_require=extras,
     python_requires='>=' + cfg['min_python'],

@@ -390,11 +390,12 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
     runs = []
     if cfg.profile == "world":
         from saferclip.train import world_config
-        from saferclip.world import base_checkpoint, build_world
+        from saferclip.base import shipped_base
+        from saferclip.world import build_world
         with timer("world (build or load cache)"):
             build_world(world_config(cfg.world_preset), cache_dir=cfg.cache_dir)
-        with timer("base (pretrain or load cache)"):
-            base = base_checkpoint(cache_dir=cfg.cache_dir, world_cfg=world_config(cfg.world_preset))
+        with timer("base (the shipped world base: never pretrained here)"):
+            base = shipped_base()
         runs.append({"run": "base", "method": "base", "seed": 0, "role": "main", "checkpoint": str(base),
                      "run_dir": None})
     else:

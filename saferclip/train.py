@@ -181,10 +181,18 @@ def load_training_data(cfg: TrainConfig) -> tuple[Quadruplets, Quadruplets, dict
 
 
 def resolve_pretrained(cfg: TrainConfig) -> str | None:
-    """The weights a run starts from ('world-base' → the cached pretrained world model)."""
+    """The weights a run starts from ('world-base' → the shipped world base, `saferclip/weights/`)."""
     if cfg.pretrained == "world-base":
-        from saferclip.world import base_checkpoint
-        return str(base_checkpoint(cache_dir=cfg.cache_dir))
+        from saferclip.base import shipped_base
+        from saferclip.core import read_meta
+        from saferclip.world import WorldConfig
+        path = shipped_base()
+        key = read_meta(path)["world_key"]
+        if cfg.world_preset == "default" and key != WorldConfig().key():
+            raise ValueError(f"the shipped base {path} was pretrained on world {key}, but this code builds world "
+                             f"{WorldConfig().key()} (WorldConfig or WORLD_VERSION changed): re-pretrain it with "
+                             f"`make base` (then `python -m saferclip.base --install`)")
+        return str(path)
     return cfg.pretrained
 
 # %% ../nbs/02_train.ipynb #a2bb3811

@@ -1,6 +1,7 @@
-"""Tests for saferclip.world: idx parsing, bad input, determinism, split disjointness, NSFWCaps alignment,
-ViSU drift and the caption grammar. Needs the real Fashion-MNIST files (`apt-get install -y dataset-fashion-mnist`
-or SAFERCLIP_DATA) for the world-building tests."""
+"""Tests for the embedded world (saferclip.render / scenes / world): idx parsing, bad input, determinism, split
+disjointness, NSFWCaps alignment, ViSU-style rewrites, near-twin families and the cache. The world-building tests
+need the real Fashion-MNIST files (`apt-get install -y dataset-fashion-mnist` or SAFERCLIP_DATA); without them they
+are skipped with that reason rather than trying the network."""
 import gzip
 import json
 import shutil
@@ -11,14 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from saferclip.world import (FASHION_CLASSES, SETTINGS, UNSAFE_CATEGORIES, UNSAFE_PHRASES, WorldConfig, _pool_by_class,
-                             build_world, fashion_mnist, generate_world, item_pools, read_idx, recall_at_1,
-                             render_plain, rewrite_unsafe, sample_phrasing, sample_scene, scene_caption,
-                             unsafe_top1_rate, world_path)
+from saferclip.base import recall_at_1, unsafe_top1_rate
+from saferclip.render import (FASHION_CLASSES, FASHION_FILES, SETTINGS, UNSAFE_CATEGORIES, fashion_dirs, fashion_mnist,
+                              read_idx, render_plain)
+from saferclip.scenes import (UNSAFE_PHRASES, is_unsafe, pool_by_class, rewrite_unsafe, sample_phrasing, sample_scene,
+                              scene_caption, unsafe_category)
+from saferclip.world import (WORLD_VERSION, Renderer, WorldConfig, _visu_like, build_world, generate_world, item_pools,
+                             world_path)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "world" / "fmnist"
-TINY = dict(n_pretrain_scenes=150, n_pretrain_plain=80, n_visu_train=60, n_visu_val=20, n_visu_test=40,
-            n_nsfwcaps=40, n_zeroshot_scenes=30, n_fashion_test=60, n_backgrounds=2, n_glyphs=2)
+TINY = dict(n_pretrain_families=30, n_pretrain_scenes=60, n_pretrain_plain=80, n_pretrain_plain_unsafe=20,
+            n_visu_train=60, n_visu_val=20, n_visu_test=40, n_nsfwcaps=40, n_zeroshot_scenes=30, n_fashion_test=60,
+            n_backgrounds=2, n_glyphs=2)
+HAVE_FMNIST = any(all((d / f).is_file() for f in FASHION_FILES["train"] + FASHION_FILES["test"]) for d in fashion_dirs())
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST idx files not installed: "
+                                  "`sudo apt-get install -y dataset-fashion-mnist` or set SAFERCLIP_DATA")
 
 
 def write_idx(path, arr, code=0x08, ndim=None):
@@ -36,6 +44,8 @@ def fixture_copy(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST idx files not installed: `sudo apt-get install -y dataset-fashion-mnist`")
     return build_world(WorldConfig.small(**TINY), cache_dir=tmp_path_factory.mktemp("cache"))
 
 
@@ -128,9 +138,10 @@ def test_config_errors():
 
 
 # ---------------------------------------------------------------- grammar
+@needs_fmnist
 def test_one_scene_many_captions():
     _, y = fashion_mnist("train")
-    pool = _pool_by_class(np.arange(3000), y)
+    pool = pool_by_class(np.arange(3000), y)
     rng = np.random.default_rng(0)
     for _ in range(10):
         spec = sample_scene(rng, pool, n_bg=2, pair_frac=0.5)
@@ -167,16 +178,18 @@ def test_item_pools_disjoint():
     assert len(np.unique(allidx)) == len(allidx) and allidx.max() < 60000
 
 
+@needs_fmnist
 def test_sampling_stays_in_pool():
     _, y = fashion_mnist("train")
     idx = np.arange(1000, 2000)
-    pool = _pool_by_class(idx, y)
+    pool = pool_by_class(idx, y)
     rng = np.random.default_rng(3)
     for _ in range(50):
         s = sample_scene(rng, pool, 2, 0.5)
         u = rewrite_unsafe(s, rng, pool, 0, drift=True, n_bg=2, n_glyph=2)
         for it in s["items"] + u["items"]:
-            assert it["inst"] in idx and y[it["inst"]] == it["cls"]
+            if "unsafe" not in it:  # an unsafe object has no Fashion-MNIST instance
+                assert it["inst"] in idx and y[it["inst"]] == it["cls"]
 
 
 def test_splits_disjoint(world):
@@ -197,7 +210,7 @@ def test_fashion_test_split_is_zero_shot_only(world):
     assert torch.equal(task.images, render_plain(x[:60])) and torch.equal(task.labels, torch.from_numpy(y[:60]))
     test_hashes = {bytes(im.numpy()) for im in render_plain(x)}
     assert not any(bytes(im.numpy()) in test_hashes for im in world.pretrain.images)
-    assert {"setting", "colour", "scene-item"} <= set(world.zeroshot)
+    assert {"setting", "colour", "scene-item", "unsafe-concept"} <= set(world.zeroshot)
     assert world.zeroshot["setting"].classnames == SETTINGS
 
 
@@ -210,15 +223,46 @@ def strip_phrase(unsafe: str, tag: str) -> tuple[str, str]:
     return unsafe.replace(f" {p}", "", 1), p
 
 
-def test_visu_drift_fraction(world):
-    cfg = world.config
-    for split, q in world.visu.items():
-        assert set(q.tags) <= set(UNSAFE_CATEGORIES)
-        drifted = sum(strip_phrase(u, tag)[0] != s for s, u, tag in zip(q.safe_captions, q.unsafe_captions, q.tags))
-        assert drifted == round(cfg.drift_frac * len(q)), split
-        # loosely aligned: the unsafe image is a fresh rendering, never the safe image plus a glyph only
-        diff = (q.safe_images != q.unsafe_images).any(1).flatten(1).float().mean(1)
-        assert (diff > 0.1).float().mean() > 0.9
+@needs_fmnist
+def test_visu_rewrites_centre_the_unsafe_concept():
+    cfg = WorldConfig.small(**TINY)
+    items, labels = fashion_mnist("train")
+    r = Renderer(items, 0, 2, 2)
+    pool = pool_by_class(np.arange(5000), labels)
+    q, safe, unsafe = _visu_like("visu-x", np.random.default_rng(0), 80, pool, r, cfg, set(), aligned=False)
+    moved = sum(s["setting"] != u["setting"] for s, u in zip(safe, unsafe))
+    assert moved == round(cfg.drift_frac * 80)                    # exactly drift_frac of the rows change setting
+    for s, u, tag, ts in zip(safe, unsafe, q.tags, q.unsafe_captions):
+        assert not is_unsafe(s) and UNSAFE_CATEGORIES[unsafe_category(u)] == tag
+        assert u.get("glyph") is None                               # centred: an object or attribute, not a corner
+        assert any("unsafe" in it or it.get("attr") for it in u["items"])
+        assert ts == scene_caption(u)                               # the unsafe image is rendered from t*
+    objects = sum(any("unsafe" in it for it in u["items"]) for u in unsafe)
+    assert 0.4 < objects / 80 < 0.9                                 # attr_frac = 0.35 of rewrites are attributes
+    # loosely aligned: the unsafe image is a fresh rendering
+    diff = (q.safe_images != q.unsafe_images).any(1).flatten(1).float().mean(1)
+    assert (diff > 0.1).float().mean() > 0.9
+
+
+def test_pretrain_families_differ_in_one_concept(world):
+    g = world.pretrain_groups
+    assert g is not None and len(g) == len(world.pretrain)
+    fams = torch.unique(g[g >= 0])
+    assert len(fams) == world.config.n_pretrain_families
+    for f in fams[:20].tolist():
+        idx = torch.nonzero(g == f).flatten().tolist()
+        caps = [world.pretrain_captions[i][0] for i in idx]
+        assert len(idx) == 4 and len(set(caps)) == 4, caps
+        imgs = world.pretrain.images[idx]
+        assert not any(torch.equal(imgs[a], imgs[b]) for a in range(4) for b in range(a + 1, 4))
+        words = [set(c.split()) for c in caps]
+        assert len(set.intersection(*words)) >= 2, caps             # twins share the rest of the description
+
+
+def test_unsafe_concept_task(world):
+    t = world.zeroshot["unsafe-concept"]
+    assert len(t.classnames) == len(UNSAFE_CATEGORIES) and len(t.images) == world.config.n_zeroshot_scenes
+    assert len(torch.unique(t.labels)) == len(UNSAFE_CATEGORIES)
 
 
 def test_nsfwcaps_aligned(world):
@@ -235,6 +279,8 @@ def test_nsfwcaps_aligned(world):
 
 
 def test_cache_round_trip_and_corruption(tmp_path):
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST idx files not installed")
     cfg = WorldConfig.small(**{**TINY, "n_pretrain_scenes": 40, "n_pretrain_plain": 20})
     w1 = build_world(cfg, cache_dir=tmp_path)
     path = world_path(cfg, tmp_path)
@@ -247,6 +293,15 @@ def test_cache_round_trip_and_corruption(tmp_path):
     Path(str(path) + ".json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{path.name}.*nsfwcaps"):
         build_world(cfg, cache_dir=tmp_path)
+    # a cache written by another world version is rebuilt, never reused
+    build_world(cfg, cache_dir=tmp_path, refresh=True)
+    side = Path(str(path) + ".json")
+    meta = json.loads(side.read_text()); meta["world_version"] = WORLD_VERSION - 1
+    meta["quadruplets"]["nsfwcaps"]["unsafe_captions"] = ["stale"] * cfg.n_nsfwcaps
+    side.write_text(json.dumps(meta))
+    w3 = build_world(cfg, cache_dir=tmp_path)
+    assert w3.nsfwcaps.unsafe_captions == w1.nsfwcaps.unsafe_captions
+    assert json.loads(side.read_text())["world_version"] == WORLD_VERSION
 
 
 def test_report_helpers():
