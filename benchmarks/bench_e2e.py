@@ -2,7 +2,8 @@
 
 It runs `python -m saferclip.reproduce --profile world --full False` in a scratch root (a copy of nbs/ and the
 package's notebooks' inputs) with a fresh, empty cache (`--cache-dir` and SAFERCLIP_CACHE both point into the
-scratch folder), so the world is generated and the base model pretrained from scratch and the repository's own
+scratch folder), so the world is generated from scratch (the base is the shipped `saferclip/weights/world-base`,
+never pretrained by `make reproduce`; `make base` times pretraining) and the repository's own
 results/, figures/, runs/ and data/ are never touched. The per-stage table is the one `saferclip.reproduce` writes
 (results/timings.md of the scratch root); this script prints it, the load average before/after, and last the
 headline total.

@@ -85,3 +85,16 @@ def test_testbed_files_from_the_shipped_report(tmp_path):
     rows = premise_rows(meta["metrics"])
     assert len(csv.read_text().strip().splitlines()) == len(rows) + 1
     assert all(r["property"] in text for r in rows)
+
+
+def test_stored_report_is_what_the_shipped_weights_measure():
+    """The premise numbers in the sidecar (and results/testbed.md) are re-measured from the shipped bytes."""
+    from saferclip.base import premise_report
+    from saferclip.core import load_clip
+    from saferclip.world import build_world
+    world = build_world(WorldConfig())
+    model, _, tok = load_clip(TINY_ARCH, SHIPPED_BASE)
+    got, stored = premise_report(model, tok, world), read_meta(SHIPPED_BASE)["metrics"]
+    # CPU float sums depend on the thread count, so a tie in a top-1 may flip: allow a few items in 1,000
+    bad = {k: (got[k], v) for k, v in stored.items() if abs(got[k] - v) > 0.005 * max(1.0, abs(v))}
+    assert not bad, bad

@@ -210,7 +210,7 @@ def test_fashion_test_split_is_zero_shot_only(world):
     assert torch.equal(task.images, render_plain(x[:60])) and torch.equal(task.labels, torch.from_numpy(y[:60]))
     test_hashes = {bytes(im.numpy()) for im in render_plain(x)}
     assert not any(bytes(im.numpy()) in test_hashes for im in world.pretrain.images)
-    assert {"setting", "colour", "scene-item", "unsafe-concept"} <= set(world.zeroshot)
+    assert {"setting", "colour", "scene-item"} <= set(world.zeroshot) and "unsafe-concept" not in world.zeroshot
     assert world.zeroshot["setting"].classnames == SETTINGS
 
 
@@ -260,7 +260,7 @@ def test_pretrain_families_differ_in_one_concept(world):
 
 
 def test_unsafe_concept_task(world):
-    t = world.zeroshot["unsafe-concept"]
+    t = world.probes["unsafe-concept"]    # a knowledge probe, kept out of the utility zero-shot mean
     assert len(t.classnames) == len(UNSAFE_CATEGORIES) and len(t.images) == world.config.n_zeroshot_scenes
     assert len(torch.unique(t.labels)) == len(UNSAFE_CATEGORIES)
 
