@@ -390,12 +390,15 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
     runs = []
     if cfg.profile == "world":
         from saferclip.train import world_config
-        from saferclip.base import shipped_base
+        from saferclip.base import shipped_base, write_testbed
+        from saferclip.core import read_meta
         from saferclip.world import build_world
         with timer("world (build or load cache)"):
             build_world(world_config(cfg.world_preset), cache_dir=cfg.cache_dir)
         with timer("base (the shipped world base: never pretrained here)"):
             base = shipped_base()
+            base_meta = read_meta(base)
+            write_testbed(base_meta["metrics"], res, base_meta)  # the premise, from the shipped base's stored report
         runs.append({"run": "base", "method": "base", "seed": 0, "role": "main", "checkpoint": str(base),
                      "run_dir": None})
     else:
