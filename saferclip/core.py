@@ -5,8 +5,10 @@
 # %% ../nbs/00_core.ipynb #5363e235
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import random
@@ -22,10 +24,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['TINY_ARCH', 'MODEL_CONFIG_DIR', 'PICKLE_SUFFIXES', 'PRECISIONS', 'register_tiny_arch', 'seed_everything',
-           'get_device', 'atomic_write', 'write_json', 'meta_path', 'save_checkpoint', 'load_state_dict', 'read_meta',
-           'file_hash', 'data_hash', 'git_revision', 'resolve_arch', 'load_clip', 'model_image_size', 'images_to_input',
-           'freeze', 'encode_images', 'encode_texts']
+__all__ = ['TINY_ARCH', 'MODEL_CONFIG_DIR', 'PICKLE_SUFFIXES', 'CONVERT_HINT', 'PRECISIONS', 'register_tiny_arch',
+           'seed_everything', 'get_device', 'atomic_write', 'write_json', 'meta_path', 'save_checkpoint',
+           'sniff_pickle', 'check_finite', 'load_state_dict', 'read_meta', 'file_hash', 'data_hash', 'git_revision',
+           'resolve_arch', 'load_clip', 'to_rgb', 'open_image', 'read_utf8', 'read_json', 'read_json_lines',
+           'read_csv_rows', 'model_image_size', 'images_to_input', 'freeze', 'encode_images', 'encode_texts']
 
 # %% ../nbs/00_core.ipynb #8fa195f4
 TINY_ARCH = "saferclip-tiny"
@@ -67,6 +70,8 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
 
 # %% ../nbs/00_core.ipynb #2d684e6e
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+CONVERT_HINT = ("Convert it once in a trusted session: "
+                "safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -140,21 +145,54 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, meta:
     return path
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors checkpoint; pickle-based files are refused (they can run code)."""
+def sniff_pickle(path: str | Path) -> str | None:
+    """What a file really is when its first bytes are a pickle's or a zip's (torch.save), else None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive, the container torch.save writes"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a pickle (protocol {head[1]}: pickle.dump, or torch.save's legacy format)"
+    return None
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Raise a ValueError explaining the refusal when `path` is a pickle or torch.save file in disguise."""
+    kind = sniff_pickle(path)
+    if kind is not None:
+        raise ValueError(f"{path} looks like a pickle/torch file, not safetensors: its first bytes are those of "
+                         f"{kind}. saferclip never unpickles (it can execute code). {CONVERT_HINT}")
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise a ValueError naming the first floating tensor of `state_dict` that holds NaN or inf."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more, e.g. {bad[1:4]})" if len(bad) > 1 else ""
+        raise ValueError(f"refusing to load {path}: tensor {bad[0]!r} holds NaN or inf{more}; the checkpoint comes "
+                         "from a diverged run or is corrupt")
+
+
+def load_state_dict(path: str | Path, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint; pickles are refused (they can run code), and NaN/inf weights unless `finite=False`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path} is a pickle-based checkpoint ({path.suffix}); saferclip loads only .safetensors "
-                         "files because unpickling can execute code. Convert it once in a trusted session: "
-                         "safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')")
+                         f"files because unpickling can execute code. {CONVERT_HINT}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _refuse_pickle(path)
     try:
-        return load_file(str(path))
+        state_dict = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): {e}") from e
+    if finite:
+        check_finite(state_dict, path)
+    return state_dict
 
 
 def read_meta(path: str | Path) -> dict:
@@ -162,6 +200,7 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
+        _refuse_pickle(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = (f.metadata() or {}).get("saferclip_meta")
@@ -283,6 +322,115 @@ def load_clip(arch: str, pretrained: str | Path | None = None, device: str | tor
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess, tokenizer
 
+# %% ../nbs/00_core.ipynb #58fea0b9
+def to_rgb(im: "PIL.Image.Image") -> "PIL.Image.Image":
+    """A PIL image as 8-bit RGB; 16-bit greyscale (modes I;16*, I) is scaled to 8 bits instead of clipped to white."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(path: str | Path) -> "PIL.Image.Image":
+    """Open an image file as 8-bit RGB (`to_rgb`); any decoding error is a ValueError naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return to_rgb(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file's contents decoded as UTF-8 (BOM allowed); a bad byte fails naming the file, offset and line."""
+    path = Path(path)
+    data = path.read_bytes()
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + skip
+        line = data.count(b"\n", 0, at) + 1
+        col = at - (data.rfind(b"\n", 0, at) + 1) + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[at]:02x} at offset {at} (line {line}, column {col}) "
+                         f"cannot be decoded ({e.reason}); the file is probably in another encoding (latin-1 / "
+                         f"cp1252?). Re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > utf8{path.suffix}"
+                         ) from e
+
+
+def _json_cause(e: json.JSONDecodeError, text: str) -> str:
+    """Why a JSON text failed to parse, in words (truncation is the common case)."""
+    if not text.strip():
+        return "the text is empty"
+    if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip()):
+        return "unterminated JSON: the text ends inside a value"
+    return "malformed JSON"
+
+
+def read_json(path: str | Path, object_pairs_hook: Callable | None = None) -> Any:
+    """Parse a UTF-8 JSON file; errors name the file, line, column and cause (empty, truncated or malformed)."""
+    text = read_utf8(path)
+    try:
+        return json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        cause = _json_cause(e, text)
+        if cause.startswith("unterminated"):
+            cause += " (the file looks truncated: an interrupted copy or download?)"
+        raise ValueError(f"{path} is not valid JSON ({cause}): {e.msg} at line {e.lineno}, column {e.colno}") from e
+
+
+def read_json_lines(path: str | Path, object_pairs_hook: Callable | None = None) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a UTF-8 JSON-lines file; errors name the file, line and cause."""
+    lines = read_utf8(path).split("\n")  # not splitlines(): U+2028 and friends are legal inside JSON strings
+    last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+    out = []
+    for i, line in enumerate(lines):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            out.append((i + 1, json.loads(line, object_pairs_hook=object_pairs_hook)))
+        except json.JSONDecodeError as e:
+            cause = _json_cause(e, line)
+            if cause.startswith("unterminated") and i == last:
+                cause += "; it is the last line, so the file looks truncated (an interrupted copy or download?)"
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({cause}): {e.msg} at column {e.colno}") from e
+    return out
+
+
+def read_csv_rows(path: str | Path, delimiter: str = ",") -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (line number, row dict) of a UTF-8 CSV file; a bad field count or open quote names file and line."""
+    path = Path(path)
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, strict=True)
+    raw, start = [], 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path} is empty (expected a CSV header line)")
+        header = [h.strip() for h in header]
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields:  # csv yields [] for a blank line
+                raw.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        why = ("a quoted field runs to the end of the file, so the file looks truncated (an interrupted copy?)"
+               if "end of data" in str(e) else "malformed CSV")
+        raise ValueError(f"{path}: line {start}: {e} ({why})") from e
+    rows = []
+    for k, (line, fields) in enumerate(raw):
+        if len(fields) > len(header):
+            raise ValueError(f"{path}: line {line} has {len(fields)} fields, more fields than the header has "
+                             f"({len(header)} columns: {header}); an unquoted delimiter inside a value?")
+        if len(fields) < len(header):
+            why = ("it is the last line, so the file looks truncated (an interrupted copy?)" if k == len(raw) - 1
+                   else "a missing delimiter or a line break inside an unquoted value?")
+            raise ValueError(f"{path}: line {line} has {len(fields)} fields, fewer than the header's {len(header)} "
+                             f"({header}); {why}")
+        rows.append((line, dict(zip(header, fields))))
+    return header, rows
+
 # %% ../nbs/00_core.ipynb #b603ecc8
 def model_image_size(model: torch.nn.Module) -> tuple[int, int]:
     """The (H, W) input size of an open_clip model's vision tower."""
@@ -319,16 +467,8 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 
 
 def _load_files(paths: Sequence[str | Path], preprocess: Callable) -> torch.Tensor:
-    """Open image files with PIL and stack their preprocessed tensors; errors name the file."""
-    from PIL import Image
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                out.append(preprocess(im.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {p}: {e}") from e
-    return torch.stack(out)
+    """Open image files as RGB (`open_image`) and stack their preprocessed tensors; errors name the file."""
+    return torch.stack([preprocess(open_image(p)) for p in paths])
 
 
 @torch.no_grad()

@@ -32,14 +32,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"log file not found: {path}")
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i} is not valid JSON: {e}") from e
-    return out
+    from saferclip.core import read_json_lines
+    return [r for _, r in read_json_lines(path)]
 
 def drift_curves(runs: list[dict]) -> pd.DataFrame:
     "Long table (run, method, seed, epoch, tower, l2) from each run's `run_dir/epochs.jsonl`."

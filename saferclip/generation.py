@@ -5,8 +5,6 @@
 # %% ../nbs/06_generation.ipynb #ce420c44
 from __future__ import annotations
 
-import csv
-import io
 import math
 import tempfile
 import time
@@ -323,21 +321,15 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+    from saferclip.core import read_csv_rows, read_utf8
     out: list[Prompt] = []
     if path.suffix.lower() in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = cols
+        # field counts, open quotes and encoding are checked by read_csv_rows (errors name the file and line)
+        cols, rows = read_csv_rows(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         if "prompt" not in cols:
             raise ValueError(f"{path}: the header must have a 'prompt' column (I2P format); found {cols}")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise ValueError(f"{where}: more fields than the header has ({len(cols)} columns)")
+        for line, row in rows:
+            where = f"{path}:{line}"
             prompt = (row.get("prompt") or "").strip()
             if not prompt:
                 raise ValueError(f"{where}: empty prompt")
@@ -350,10 +342,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 g = float(g) if g is not None else None
             except ValueError:
                 raise ValueError(f"{where}: guidance scale {g!r} is not a number") from None
-            pid = _first(row, ("id",)) or f"{path.stem}:{reader.line_num}"
+            pid = _first(row, ("id",)) or f"{path.stem}:{line}"
             out.append(Prompt(pid, prompt, _first(row, _CAT_COLS) or "", s, g))
     else:
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(read_utf8(path).splitlines(), 1):
             if line.strip():
                 out.append(Prompt(f"{path.stem}:{i}", line.strip()))
     if not out:
@@ -400,12 +392,9 @@ def read_image_folder(folder: str | Path) -> list[ImageItem]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (error naming the file when it cannot be decoded)."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    """Open an image file as 8-bit RGB (`core.open_image`: 16-bit greyscale scaled; errors name the file)."""
+    from saferclip.core import open_image
+    return open_image(path)
 
 # %% ../nbs/06_generation.ipynb #39500dd5
 @dataclass(frozen=True)
@@ -433,9 +422,10 @@ class TextJudge(Protocol):
 
 def _rgb(im: Image.Image) -> Image.Image:
     """Validate a PIL image and convert it to RGB."""
+    from saferclip.core import to_rgb
     if not isinstance(im, Image.Image):
         raise TypeError(f"judges take PIL images, got {type(im).__name__}")
-    return im.convert("RGB")
+    return to_rgb(im)
 
 
 class OpenNSFWJudge:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +18,15 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .core import open_image, read_csv_rows, read_json, read_json_lines, read_utf8
 from .data import Quadruplets
 
 # %% auto #0
-__all__ = ['SPLIT_ALIASES', 'COCO_FOLDERS', 'DATA_SUFFIXES', 'VISU_HUB_ID', 'NSFWCAPS_HUB_ID', 'NO_UNSAFE_SUFFIX',
-           'canonical_split', 'coco_path', 'resolve_image_path', 'read_hf_rows', 'load_visu_text', 'read_manifest',
-           'find_manifests', 'BadRowsError', 'check_image', 'check_images', 'validate_rows', 'write_report',
-           'load_visu', 'has_unsafe_images', 'load_nsfwcaps', 'QuadrupletImages', 'make_loader', 'loader_throughput',
-           'check_paper_inputs']
+__all__ = ['SPLIT_ALIASES', 'COCO_FOLDERS', 'DATA_SUFFIXES', 'VISU_HUB_ID', 'NSFWCAPS_HUB_ID', 'VISU_FIELDS', 'NO_UNSAFE_SUFFIX',
+           'canonical_split', 'coco_int', 'coco_path', 'resolve_image_path', 'check_table_file', 'read_hf_rows',
+           'load_visu_text', 'read_manifest', 'find_manifests', 'BadRowsError', 'check_image', 'check_images',
+           'validate_rows', 'write_report', 'load_visu', 'has_unsafe_images', 'load_nsfwcaps', 'QuadrupletImages',
+           'make_loader', 'loader_throughput', 'check_paper_inputs']
 
 # %% ../nbs/08_paperdata.ipynb #62f8a9d1
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -42,9 +44,25 @@ def canonical_split(split: str) -> str:
     raise ValueError(f"unknown split {split!r}; use one of {list(SPLIT_ALIASES)} (aliases: val, valid, dev)")
 
 
+def coco_int(coco_id: Any) -> int:
+    """A COCO image id as an int: ints, integral floats (25.0) and digit strings pass; 25.9, True or 'x' raise."""
+    if isinstance(coco_id, numbers.Integral) and not isinstance(coco_id, bool):
+        value = int(coco_id)
+    elif isinstance(coco_id, numbers.Real) and not isinstance(coco_id, bool) and float(coco_id).is_integer():
+        value = int(coco_id)
+    elif isinstance(coco_id, str) and coco_id.strip().isascii() and coco_id.strip().isdigit():
+        value = int(coco_id.strip())
+    else:
+        raise ValueError(f"coco_id {coco_id!r} is not an integer (COCO image ids are whole numbers; "
+                         f"{type(coco_id).__name__} values are never rounded)")
+    if value < 0:
+        raise ValueError(f"coco_id {coco_id!r} is negative")
+    return value
+
+
 def coco_path(coco_root: str | Path, coco_id: int | str) -> Path:
     """The COCO 2017 file of an image id (first of train2017/val2017/test2017 that exists; else train2017)."""
-    name = f"{int(coco_id):012d}.jpg"
+    name = f"{coco_int(coco_id):012d}.jpg"
     for folder in COCO_FOLDERS:
         p = Path(coco_root) / folder / name
         if p.is_file():
@@ -105,6 +123,26 @@ def _pick_split(dd: Any, split: str | None, where: str) -> Any:
     raise ValueError(f"{where} has no split {split!r}; it holds {list(dd)}")
 
 
+def check_table_file(path: str | Path) -> None:
+    """Fail naming the file, line and cause on a JSON / JSON-lines / CSV data file that is not UTF-8 or is cut short."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        read_json_lines(path)
+    elif suffix == ".csv":
+        read_csv_rows(path)
+    elif suffix == ".json":
+        try:
+            read_json(path)
+        except ValueError as whole:
+            first = next((l for l in read_utf8(path).split("\n") if l.strip()), "")
+            try:  # the hub's .json files are often JSON lines: then judge them line by line
+                json.loads(first)
+            except json.JSONDecodeError:
+                raise whole from None
+            read_json_lines(path)
+
+
 def read_hf_rows(source: str | Path, split: str | None = None, allow_hub: bool = True) -> list[dict]:
     """Rows (dicts) of a HF dataset: a data file, a folder of files, a save_to_disk folder, or a hub id."""
     datasets = _require_datasets()
@@ -134,6 +172,8 @@ def read_hf_rows(source: str | Path, split: str | None = None, allow_hub: bool =
     if len(kinds) > 1:
         raise ValueError(f"mixed data file types {sorted(kinds)} for split {split!r} under {source}: {files[:4]}")
     kind = kinds.pop()
+    for f in files:
+        check_table_file(f)
     builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}[kind]
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
@@ -157,11 +197,6 @@ class _Pairs(list):
     """A JSON object kept as a list of (key, value) pairs (repeated keys preserved)."""
 
 
-def _parse_json_keep_dups(text: str) -> Any:
-    """json.loads that keeps repeated object keys (as _Pairs)."""
-    return json.loads(text, object_pairs_hook=_Pairs)
-
-
 def _to_plain(obj: Any) -> Any:
     """Convert _Pairs back to dicts (last value wins) for records' inner fields."""
     if isinstance(obj, _Pairs):
@@ -172,22 +207,11 @@ def _to_plain(obj: Any) -> Any:
 
 
 def read_manifest(path: str | Path) -> list[tuple[str, dict]]:
-    """(key, record) pairs of a Safe-CLIP-style manifest: {info, data}, {key: rec}, [rec] or JSON lines."""
+    """(key, record) pairs of a Safe-CLIP-style manifest: {info, data}, {key: rec}, [rec] or JSON lines (key: line - 1)."""
     path = Path(path)
-    text = path.read_text()
     if path.suffix.lower() == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    out.append((str(i), _to_plain(_parse_json_keep_dups(line))))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {i + 1} is not valid JSON: {e}") from e
-        return out
-    try:
-        obj = _parse_json_keep_dups(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return [(str(n - 1), _to_plain(v)) for n, v in read_json_lines(path, object_pairs_hook=_Pairs)]
+    obj = read_json(path, object_pairs_hook=_Pairs)
     if isinstance(obj, _Pairs):
         d = dict(obj)
         if "data" in d and not isinstance(d["data"], (str, int, float)) and not _looks_like_record(d):
@@ -268,6 +292,7 @@ class _Row:
     source: str
     record: dict
     no_image: str = ""
+    invalid: str = ""   # the record itself is malformed (e.g. a list, not an object): reported before anything else
 
 
 def validate_rows(rows: Sequence[_Row], split: str, on_bad_row: str = "error", verify_images: bool = True,
@@ -283,7 +308,9 @@ def validate_rows(rows: Sequence[_Row], split: str, on_bad_row: str = "error", v
     good, bad = [], []
     for i, r in enumerate(rows):
         reason, file = None, ""
-        if not isinstance(r.safe, str) or not r.safe.strip():
+        if r.invalid:
+            reason = r.invalid
+        elif not isinstance(r.safe, str) or not r.safe.strip():
             reason = "empty safe caption"
         elif not isinstance(r.unsafe, str) or not r.unsafe.strip():
             reason = "empty unsafe caption"
@@ -342,14 +369,29 @@ def _finish(good: list[_Row], bad: list[dict], split: str, name: str, report_pat
                        [str(r.tag) for r in good], name=name)
 
 # %% ../nbs/08_paperdata.ipynb #d5de29a9
+VISU_FIELDS = ("coco_id", "nsfw_im_path", "safe", "nsfw", "tag")
+
+
+def _not_an_object(rec: Any, where: str, fields: Sequence[str]) -> str:
+    """The bad-row reason for a record that is not a JSON object."""
+    kind = {list: "a list", str: "a string", type(None): "null"}.get(type(rec), f"a {type(rec).__name__}")
+    return f"the record at {where} is {kind}, expected an object with fields {', '.join(fields)}"
+
+
+def _where(path: str | Path | None, key: str, line_keys: bool) -> str:
+    """Where a record sits in its file: 'line N of F' (JSON lines) or "key 'K' of F"."""
+    of = f" of {path}" if path else ""
+    return f"line {int(key.rsplit('/', 1)[-1]) + 1}{of}" if line_keys else f"key {key!r}{of}"
+
+
 def _visu_rows(records: Iterable[tuple[str, dict]], split: str, source: str, coco_root: Path,
-               unsafe_root: Path) -> list[_Row]:
-    """Turn ViSU records (manifest or joined ViSU-Text) into candidate rows."""
+               unsafe_root: Path, line_keys: bool = False) -> list[_Row]:
+    """Turn ViSU records (manifest or joined ViSU-Text) into candidate rows; `line_keys`: keys are JSON-lines lines."""
     rows = []
     for key, rec in records:
         if not isinstance(rec, dict):
             rows.append(_Row(f"{split}/{key}", "", "", None, None, "", source, {"value": rec},
-                             no_image="record is not an object"))
+                             invalid=_not_an_object(rec, _where(source, key, line_keys), VISU_FIELDS)))
             continue
         cid, nim = rec.get("coco_id"), rec.get("nsfw_im_path")
         no_image = ""
@@ -387,10 +429,11 @@ def load_visu(data_root: str | Path, split: str, on_bad_row: str = "error", coco
     if source not in ("auto", "manifest", "visu-text", "hub"):
         raise ValueError(f"source must be 'auto', 'manifest', 'visu-text' or 'hub', got {source!r}")
     manifests = find_manifests(root, split) if source in ("auto", "manifest") else []
+    rows: list[_Row] = []
     if manifests:
-        records, src = [], ",".join(m.name for m in manifests)
         for m in manifests:
-            records += [(k if len(manifests) == 1 else f"{m.stem}/{k}", r) for k, r in read_manifest(m)]
+            records = [(k if len(manifests) == 1 else f"{m.stem}/{k}", r) for k, r in read_manifest(m)]
+            rows += _visu_rows(records, split, str(m), coco_root, unsafe_root, m.suffix.lower() == ".jsonl")
     else:
         text_src = VISU_HUB_ID if source == "hub" else (text_source or root / "visu_text")
         if source == "manifest" or (source == "auto" and not Path(text_src).exists()):
@@ -405,8 +448,7 @@ def load_visu(data_root: str | Path, split: str, on_bad_row: str = "error", coco
                 "public release is text only, so it cannot make (v, v*, t, t*) quadruplets. Use Safe-CLIP's JSON "
                 "manifests (coco_id, nsfw_im_path, safe, nsfw, tag) under data_root/manifests/<split>/, or add "
                 "coco_id and nsfw_im_path columns to your copy. For the captions alone use load_visu_text().")
-        records, src = [(str(i), r) for i, r in enumerate(rows)], str(text_src)
-    rows = _visu_rows(records, split, src, coco_root, unsafe_root)
+        rows = _visu_rows([(str(i), r) for i, r in enumerate(rows)], split, str(text_src), coco_root, unsafe_root)
     good, bad = validate_rows(rows, split, on_bad_row, verify_images, decode, num_threads, max_listed, progress,
                               what="ViSU")
     return _finish(good, bad, split, f"visu-{split}", report_path, "ViSU", len(rows)), bad
@@ -423,10 +465,16 @@ def has_unsafe_images(q: Quadruplets) -> bool:
 
 
 def _nsfwcaps_rows(rows: list[dict], base: Path, image_root: Path | None, unsafe_image_root: Path | None,
-                   missing_unsafe: str, source: str) -> tuple[list[_Row], bool]:
-    """Candidate rows from HF-format or manifest-format NSFWCaps records; also whether any v* was missing."""
+                   missing_unsafe: str, source: str, lines: Sequence[int] | None = None) -> tuple[list[_Row], bool]:
+    """Candidate rows from HF-format or manifest-format NSFWCaps records (`lines`: their JSON-lines line numbers)."""
     out, substituted = [], False
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            where = f"line {lines[i]} of {source}" if lines is not None else f"row {i} of {source}"
+            out.append(_Row(f"nsfwcaps/{i}", "", "", None, None, "", source, {"value": r},
+                            invalid=_not_an_object(r, where, ("id", "safe", "unsafe", "tag", "safe_image",
+                                                              "unsafe_image"))))
+            continue
         if "image_coco_url" in r:
             url = r.get("image_coco_url") or ""
             name = url.rstrip("/").split("/")[-1].split("?")[0]
@@ -460,8 +508,10 @@ def load_nsfwcaps(root_or_manifest: str | Path, image_root: str | Path | None = 
     if missing_unsafe not in ("safe", "error"):
         raise ValueError(f"missing_unsafe must be 'safe' or 'error', got {missing_unsafe!r}")
     src = Path(root_or_manifest)
+    lines = None
     if src.is_file() and src.suffix.lower() == ".jsonl" and _first_jsonl_has(src, "safe_image"):
-        rows = [r for _, r in read_manifest(src)]
+        records = read_manifest(src)
+        rows, lines = [r for _, r in records], [int(k) + 1 for k, _ in records]
     else:
         rows = read_hf_rows(root_or_manifest, split)
         if rows and not {"image_coco_url", "caption", "nsfw_caption"} <= set(rows[0]):
@@ -471,7 +521,7 @@ def load_nsfwcaps(root_or_manifest: str | Path, image_root: str | Path | None = 
     base = src.parent if src.is_file() else src
     image_root = Path(image_root) if image_root is not None else base / "images"
     unsafe_image_root = Path(unsafe_image_root) if unsafe_image_root is not None else None
-    cand, substituted = _nsfwcaps_rows(rows, base, image_root, unsafe_image_root, missing_unsafe, str(src))
+    cand, substituted = _nsfwcaps_rows(rows, base, image_root, unsafe_image_root, missing_unsafe, str(src), lines)
     good, bad = validate_rows(cand, "nsfwcaps", on_bad_row, verify_images, False, num_threads, 20, progress,
                               what="NSFWCaps")
     q = _finish(good, bad, "nsfwcaps", "nsfwcaps", report_path, "NSFWCaps", len(cand))
@@ -484,15 +534,9 @@ def load_nsfwcaps(root_or_manifest: str | Path, image_root: str | Path | None = 
 
 
 def _first_jsonl_has(path: Path, field: str) -> bool:
-    """True when the first record of a JSON-lines file has `field`."""
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return field in json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-    return False
+    """True when the first record of a JSON-lines file is an object with `field` (bad files fail naming the line)."""
+    records = read_json_lines(path)
+    return bool(records) and isinstance(records[0][1], dict) and field in records[0][1]
 
 # %% ../nbs/08_paperdata.ipynb #ce3fc098
 class QuadrupletImages(torch.utils.data.Dataset):
@@ -508,12 +552,7 @@ class QuadrupletImages(torch.utils.data.Dataset):
         return len(self.quads)
 
     def _load(self, path) -> torch.Tensor:
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                return self.preprocess(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
+        return self.preprocess(open_image(path))  # 8-bit RGB, 16-bit greyscale scaled; errors name the file
 
     def __getitem__(self, i: int) -> dict:
         return {"index": i, "safe": self._load(self.quads.safe_images[i]),

@@ -189,6 +189,8 @@ def validate_records(records: list[dict]) -> list[dict]:
     "Check that every record names its `run` (unique) and `method`; returns the records."
     seen = set()
     for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"record {i} is a {type(r).__name__}, expected an object with fields run, method, ...")
         for k in ("run", "method"):
             if k not in r:
                 raise ValueError(f"record {i} has no {k!r} field: {sorted(r)[:8]}")
@@ -470,8 +472,9 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"run manifest not found: {path}")
-    man = json.loads(path.read_text())
-    if "runs" not in man or not isinstance(man["runs"], list):
+    from saferclip.core import read_json
+    man = read_json(path)   # errors name the file, line and cause (not UTF-8, truncated, malformed)
+    if not isinstance(man, dict) or "runs" not in man or not isinstance(man["runs"], list):
         raise ValueError(f"{path}: a run manifest needs a 'runs' list")
     validate_records(man["runs"])
     for r in man["runs"]:
@@ -503,7 +506,8 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metric records not found: {path}")
-    return validate_records([json.loads(l) for l in path.read_text().splitlines() if l.strip()])
+    from saferclip.core import read_json_lines
+    return validate_records([r for _, r in read_json_lines(path)])
 
 # %% ../nbs/03_retrieval.ipynb #aecea46f
 RETRIEVAL_OUTPUTS = ("retrieval_table1", "retrieval_long", "retrieval_nsfw_pool", "ablation", "safer_vs_safe")

@@ -144,13 +144,9 @@ class _ImageFolderSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
     def __getitem__(self, i):
-        from PIL import Image
+        from saferclip.core import open_image
         p, y = self.items[i]
-        try:
-            with Image.open(p) as im:
-                return self.preprocess(im.convert("RGB")), y
-        except OSError as e:
-            raise ValueError(f"cannot read image {p}: {e}") from e
+        return self.preprocess(open_image(p)), y   # 8-bit RGB (16-bit greyscale scaled); errors name the file
 
 def _image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     "Class folders and (path, label) items of an ImageFolder split."

@@ -47,3 +47,16 @@ def test_captioned_and_image_batch(quads, tiny_clip):
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
     with pytest.raises(ValueError, match="unsafe must have shape"):
         Captioned(quads.safe_images, quads.safe_captions, torch.zeros(3, dtype=torch.bool))
+
+
+def test_image_batch_scales_16bit_greyscale_files(tmp_path, tiny_clip):
+    import numpy as np
+    from PIL import Image
+    _, pre, _ = tiny_clip
+    grey8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))
+    Image.fromarray((grey8.astype(np.uint32) * 257).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    x = image_batch([tmp_path / "g16.png", tmp_path / "g8.png"], [0, 1], preprocess=pre)
+    assert x.shape == (2, 3, 64, 64)
+    assert torch.equal(x[0], x[1])  # PIL's convert("RGB") would have made the 16-bit one a white square
+    assert x[0].std() > 0.1

@@ -76,3 +76,14 @@ def test_write_drift_results(runs, tmp_path):
     assert "moves less than Safe-CLIP" in md
     for f in ("drift.png", "drift.pdf", "drift_layers.png", "drift_layers.pdf"):
         assert (tmp_path / "fig" / f).is_file()
+
+
+def test_truncated_log_is_named_with_line_and_cause(tmp_path):
+    from saferclip.drift import read_jsonl
+    log = tmp_path / "epochs.jsonl"
+    log.write_text(json.dumps({"epoch": 0, "drift_text": 0.0}) + "\n" + '{"epoch": 1, "drift_te')
+    with pytest.raises(ValueError, match=r"epochs\.jsonl: line 2 is not valid JSON \(unterminated JSON.*it is the last "
+                                         r"line, so the file looks truncated"):
+        read_jsonl(log)
+    log.write_text(json.dumps({"epoch": 0}) + "\n\n" + json.dumps({"epoch": 1}) + "\n")
+    assert read_jsonl(log) == [{"epoch": 0}, {"epoch": 1}]

@@ -92,6 +92,48 @@ def test_read_prompts_errors_name_file_and_line(tmp_path):
         gen.read_prompts(e)
 
 
+def test_read_prompts_names_encoding_and_truncation(tmp_path):
+    p = tmp_path / "i2p.csv"
+    p.write_bytes("prompt,categories\nfine,violence\ncaf\xe9 scene,hate\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"i2p\.csv is not UTF-8 text: byte 0xe9 at offset 35 \(line 3, column 4\)"
+                                         r".*iconv -f latin1 -t utf-8"):
+        gen.read_prompts(p)
+    p.write_text("prompt,categories,sd_seed\nfine,violence,1\nlast,hate")
+    with pytest.raises(ValueError, match=r"i2p\.csv: line 3 has 2 fields, fewer than the header's 3 .*it is the last "
+                                         r"line, so the file looks truncated"):
+        gen.read_prompts(p)
+    p.write_text('prompt,categories\nfine,violence\n"an open quote,hate\n')
+    with pytest.raises(ValueError, match=r"i2p\.csv: line 3: unexpected end of data \(a quoted field runs to the end"):
+        gen.read_prompts(p)
+    p.write_bytes("\ufeffprompt,categories\ncaf\xe9,hate\n".encode("utf-8"))  # UTF-8 with a BOM, as Excel writes
+    assert [(x.text, x.id) for x in gen.read_prompts(p)] == [("caf\xe9", "i2p:2")]
+
+
+def test_load_image_scales_16bit_greyscale(tmp_path):
+    grey8 = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))
+    Image.fromarray((grey8.astype(np.uint32) * 257).astype(np.uint16)).save(tmp_path / "g16.png")
+    im = gen.load_image(tmp_path / "g16.png")
+    assert im.mode == "RGB" and (np.asarray(im)[..., 1] == grey8).all()
+    with pytest.raises(ValueError, match=r"cannot read image .*nope\.png"):
+        gen.load_image(tmp_path / "nope.png")
+
+
+def test_notebook_defaults_never_write_into_results():
+    # nbdev_test runs nbs/06_generation.ipynb with its default parameters: the tables and the figure must go to the
+    # temporary work folder, not over the committed results/generation_*.csv|md and figures/generation_examples.*
+    import json
+    from pathlib import Path
+    nb = json.loads((Path(__file__).parents[1] / "nbs" / "06_generation.ipynb").read_text())
+    params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, "06_generation needs exactly one cell tagged `parameters` (papermill)"
+    ns: dict = {}
+    exec("".join(params[0]["source"]), ns)
+    assert ns["results_dir"] is None and ns["figures_dir"] is None
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert 'res = Path(results_dir) if results_dir else work / "results"' in code
+    assert 'fig_dir = Path(figures_dir) if figures_dir else work / "figures"' in code
+
+
 def test_read_prompts_text_keeps_every_nonblank_line(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("first\n\n  second, with comma  \n# third is a prompt too\n")

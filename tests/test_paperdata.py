@@ -215,3 +215,139 @@ def test_check_paper_inputs(tmp_path):
                      "train: 1 of 7 manifest records have no coco_id or nsfw_im_path"]
     probs = check_paper_inputs(V, nsfwcaps=N / "bad_manifest.jsonl")
     assert len(probs) == 1 and "NSFWCaps: 2 bad rows" in probs[0]
+
+
+# ---------------------------------------------------------------- bad input fails naming file, line and record
+REC = dict(coco_id=9, safe="A bowl of fruit.", nsfw="A bowl of fruit and a knife.", tag="violence",
+           nsfw_im_path="train/0.jpg")
+
+
+def _manifest(root: Path, name: str, text: str | bytes) -> Path:
+    m = root / "manifests" / "train" / name
+    m.parent.mkdir(parents=True, exist_ok=True)
+    m.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return m
+
+
+def test_coco_int_accepts_whole_numbers_only():
+    from saferclip.paperdata import coco_int, coco_path
+    assert [coco_int(x) for x in (25, 25.0, "25", " 000025 ")] == [25, 25, 25, 25]
+    for bad in (25.9, "25.9", True, "", "abc", None, float("nan"), [25]):
+        with pytest.raises(ValueError, match=r"coco_id .* is not an integer"):
+            coco_int(bad)
+    with pytest.raises(ValueError, match="coco_id -3 is negative"):
+        coco_int(-3)
+    with pytest.raises(ValueError, match="coco_id 25.9 is not an integer"):
+        coco_path(V / "coco", 25.9)  # was silently image 25
+
+
+def test_non_integral_coco_id_is_a_bad_row_naming_file_and_record(tmp_path):
+    m = _manifest(tmp_path, "m.jsonl", json.dumps(dict(REC, id="ok")) + "\n" +
+                  json.dumps(dict(REC, id="frac", coco_id=25.9)) + "\n")
+    with pytest.raises(BadRowsError) as ei:
+        load_visu(tmp_path, "train", **BAD)
+    (b,) = ei.value.bad_rows
+    assert b["id"] == "frac" and b["source"] == str(m) and '"coco_id": 25.9' in b["record"]
+    assert b["reason"] == "row without a safe image (coco_id 25.9 is not an integer)"
+    assert f"id='frac' file=- reason=row without a safe image (coco_id 25.9 is not an integer) source={m}" in str(ei.value)
+
+
+@pytest.mark.parametrize("name,text", [
+    ("m.json", json.dumps({"0": REC, "1": dict(REC, safe="Caf\u00e9 table.")}, ensure_ascii=False)),
+    ("m.jsonl", json.dumps(REC) + "\n" + json.dumps(dict(REC, safe="Caf\u00e9 table."), ensure_ascii=False) + "\n"),
+])
+def test_latin1_manifest_names_file_offset_and_line(tmp_path, name, text):
+    _manifest(tmp_path, name, text.encode("latin-1"))
+    line = 1 if name == "m.json" else 2
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text: byte 0xe9 at offset \d+ \(line {line}, column "
+                                         r"\d+\) .*latin-1 / cp1252.*Re-encode it as UTF-8, e\.g\. iconv -f latin1"):
+        load_visu(tmp_path, "train", **BAD)
+    probs = check_paper_inputs(tmp_path, splits=("train",), **BAD)  # listed as a problem, not raised
+    assert len(probs) == 1 and f"{name} is not UTF-8 text: byte 0xe9" in probs[0], probs
+    # the same text in UTF-8 loads
+    _manifest(tmp_path, name, text.encode("utf-8"))
+    q, _ = load_visu(tmp_path, "train", on_bad_row="skip", **BAD)
+    assert q.safe_captions[1] == "Caf\u00e9 table."
+
+
+def test_truncated_manifests_name_line_and_cause(tmp_path):
+    line = json.dumps(REC)
+    _manifest(tmp_path / "jl", "m.jsonl", line + "\n" + line + "\n" + line[:30])
+    with pytest.raises(ValueError, match=r"m\.jsonl: line 3 is not valid JSON \(unterminated JSON: the text ends inside "
+                                         r"a value; it is the last line, so the file looks truncated \(an interrupted "
+                                         r"copy or download\?\)\): Unterminated string"):
+        load_visu(tmp_path / "jl", "train", **BAD)
+    text = json.dumps({"data": {"0": REC, "1": REC}}, indent=1)
+    _manifest(tmp_path / "js", "m.json", text[: len(text) - 20])
+    with pytest.raises(ValueError, match=r"m\.json is not valid JSON \(unterminated JSON: the text ends inside a value "
+                                         r"\(the file looks truncated: an interrupted copy or download\?\)\): .* at line "
+                                         r"\d+, column \d+"):
+        load_visu(tmp_path / "js", "train", **BAD)
+
+
+NSFWCAPS_HEADER = "image_coco_url,caption,nsfw_caption,chosen_category\n"
+NSFWCAPS_ROW = "https://x/nocaps/val/0013ea2087020901.jpg,A vase.,A vase and a gun.,violence\n"
+
+
+@pytest.mark.parametrize("tail,match", [
+    ("https://x/nocaps/val/00223fe9e5af2c1c.jpg,A dog", r"nc\.csv: line 3 has 2 fields, fewer than the header's 4 "
+                                                        r".*it is the last line, so the file looks truncated"),
+    ('https://x/nocaps/val/00223fe9e5af2c1c.jpg,"A dog\nrunning', r"nc\.csv: line 3: unexpected end of data \(a quoted "
+                                                                  r"field runs to the end of the file, so the file "
+                                                                  r"looks truncated"),
+])
+def test_truncated_csv_table_names_line_and_cause(tmp_path, tail, match):
+    p = tmp_path / "nc.csv"
+    p.write_text(NSFWCAPS_HEADER + NSFWCAPS_ROW + tail)
+    with pytest.raises(ValueError, match=match):
+        load_nsfwcaps(p, image_root=N / "images", progress=False)
+    p.write_text(NSFWCAPS_HEADER + NSFWCAPS_ROW)  # the intact file loads
+    assert load_nsfwcaps(p, image_root=N / "images", progress=False).ids == ["nsfwcaps/0"]
+
+
+def test_latin1_and_truncated_hf_json_tables_named(tmp_path):
+    from saferclip.paperdata import read_hf_rows
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(b'{"safe": "a", "nsfw": "b"}\n{"safe": "caf\xe9", "nsfw": "b"}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl is not UTF-8 text: byte 0xe9 at offset 40 \(line 2, column 14\)"):
+        read_hf_rows(p)
+    j = tmp_path / "rows.json"  # the hub's .json files are often JSON lines: judged line by line
+    j.write_text('{"safe": "a", "nsfw": "b"}\n{"safe": "a", "ns')
+    with pytest.raises(ValueError, match=r"rows\.json: line 2 is not valid JSON \(unterminated JSON.*last line"):
+        read_hf_rows(j)
+    j.write_text('[{"safe": "a", "nsfw": "b"}, {"safe": "a", "ns')
+    with pytest.raises(ValueError, match=r"rows\.json is not valid JSON \(unterminated JSON"):
+        read_hf_rows(j)
+
+
+def test_record_that_is_a_list_is_named_not_called_an_empty_caption(tmp_path):
+    m = _manifest(tmp_path / "jl", "m.jsonl", json.dumps(REC) + "\n\n" + json.dumps(list(REC.values())) + "\n")
+    with pytest.raises(BadRowsError) as ei:
+        load_visu(tmp_path / "jl", "train", **BAD)
+    assert [b["reason"] for b in ei.value.bad_rows] == [
+        f"the record at line 3 of {m} is a list, expected an object with fields coco_id, nsfw_im_path, safe, nsfw, tag"]
+    d = _manifest(tmp_path / "js", "m.json", json.dumps({"data": {"a": REC, "b": "just a string"}}))
+    _, rep = load_visu(tmp_path / "js", "train", on_bad_row="skip", **BAD)
+    assert [r["reason"] for r in rep] == [f"the record at key 'b' of {d} is a string, expected an object with fields "
+                                          "coco_id, nsfw_im_path, safe, nsfw, tag"]
+    n = tmp_path / "nc.jsonl"
+    n.write_text(json.dumps(dict(id="nc-0", safe="A vase.", unsafe="A vase and a gun.", tag="violence",
+                                 safe_image=str(N / "images" / "0013ea2087020901.jpg"))) + "\n\n" + "[1, 2]\n")
+    with pytest.raises(BadRowsError) as ei:
+        load_nsfwcaps(n, progress=False)
+    assert [b["reason"] for b in ei.value.bad_rows] == [  # line 3: blank lines count
+        f"the record at line 3 of {n} is a list, expected an object with fields id, safe, unsafe, tag, safe_image, "
+        "unsafe_image"]
+
+
+def test_file_dataset_scales_16bit_greyscale(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from saferclip.paperdata import QuadrupletImages
+    grey8 = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))
+    Image.fromarray((grey8.astype(np.uint32) * 257).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    q = Quadruplets(["a"], ["s"], ["u"], [str(tmp_path / "g16.png")], [str(tmp_path / "g8.png")], ["t"])
+    item = QuadrupletImages(q, lambda im: torch.from_numpy(np.asarray(im).copy()))[0]
+    assert torch.equal(item["safe"], item["unsafe"]) and item["safe"].shape == (16, 32, 3)

@@ -144,3 +144,28 @@ def test_evaluate_quadruplets_tiny(tiny_clip, quads):
         assert res[k] == pytest.approx(v), k
     assert res["unsafe_top1_T*->V"] == pytest.approx(unsafe_top1_rate(e["t*"], e["v"], e["v*"]))
     assert res["unsafe_top1_V*->T"] == pytest.approx(unsafe_top1_rate(e["v*"], e["t"], e["t*"]))
+
+
+def test_run_manifest_and_records_readers_name_file_and_line(tmp_path):
+    import json
+    from saferclip.retrieval import read_manifest, read_records, write_records
+    rec = {"run": "a", "method": "base", "seed": 0}
+    p = write_records([rec, dict(rec, run="b")], tmp_path / "r.jsonl")
+    assert [r["run"] for r in read_records(p)] == ["a", "b"]
+    p.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, run="b"))[:20] + "\n")
+    with pytest.raises(ValueError, match=r"r\.jsonl: line 2 is not valid JSON \(unterminated JSON.*last line, so the "
+                                         r"file looks truncated"):
+        read_records(p)
+    p.write_text(json.dumps(rec) + "\n" + json.dumps(["b", "base"]) + "\n")
+    with pytest.raises(ValueError, match=r"record 1 is a list, expected an object with fields run, method"):
+        read_records(p)
+    p.write_bytes(b'{"run": "caf\xe9", "method": "base"}\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl is not UTF-8 text: byte 0xe9 at offset 12 \(line 1, column 13\)"):
+        read_records(p)
+    m = tmp_path / "manifest.json"
+    m.write_text('{"runs": [{"run": "a", "method": "base", "checkpoint": "x.safetensors"}')
+    with pytest.raises(ValueError, match=r"manifest\.json is not valid JSON \(unterminated JSON"):
+        read_manifest(m)
+    m.write_text('[{"run": "a"}]')
+    with pytest.raises(ValueError, match=r"manifest\.json: a run manifest needs a 'runs' list"):
+        read_manifest(m)

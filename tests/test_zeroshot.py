@@ -125,3 +125,14 @@ def test_frontier_table():
     assert ft.loc[("safeclip", 2.0), "visu-test/T*->V@1 std"] == pytest.approx(math.sqrt(2))
     with pytest.raises(ValueError, match="redirection_scale"):
         frontier_table([{"run": "a", "method": "safeclip"}])
+
+
+def test_image_folder_tasks_scale_16bit_greyscale(tmp_path):
+    grey8 = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))
+    d = tmp_path / "eurosat" / "test" / "forest"
+    d.mkdir(parents=True)
+    Image.fromarray((grey8.astype(np.uint32) * 257).astype(np.uint16)).save(d / "g16.png")
+    task, why = find_paper_task("eurosat", tmp_path, lambda im: torch.from_numpy(np.asarray(im).copy()))
+    assert why == "" and len(task) == 1
+    x, y = task.dataset[0]
+    assert y == 0 and x.shape == (8, 16, 3) and torch.equal(x[..., 0], torch.from_numpy(grey8))  # not all 255
