@@ -98,3 +98,18 @@ def test_stored_report_is_what_the_shipped_weights_measure():
     # CPU float sums depend on the thread count, so a tie in a top-1 may flip: allow a few items in 1,000
     bad = {k: (got[k], v) for k, v in stored.items() if abs(got[k] - v) > 0.005 * max(1.0, abs(v))}
     assert not bad, bad
+
+
+def test_pretraining_is_deterministic_for_a_fixed_recipe(tmp_path):
+    """`make base` can only reproduce the shipped report if a recipe run is a pure function of (world, recipe)."""
+    from saferclip.base import PretrainConfig, pretrain_base
+    from saferclip.world import build_world
+    w = build_world(WorldConfig.small(n_pretrain_families=20, n_pretrain_scenes=40, n_pretrain_plain=40,
+                                      n_pretrain_plain_unsafe=10), cache_dir=tmp_path)
+    cfg = PretrainConfig(steps=3, batch_size=16, warmup=1, threads=1)
+    runs = [pretrain_base(w, cfg, progress=False) for _ in range(2)]
+    (m1, l1), (m2, l2) = runs
+    assert l1["losses"] == l2["losses"] and l1["family_batch"] == l2["family_batch"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    m3, _ = pretrain_base(w, PretrainConfig(steps=3, batch_size=16, warmup=1, threads=1, seed=1), progress=False)
+    assert not torch.equal(m1.visual.conv1.weight, m3.visual.conv1.weight)
