@@ -8,32 +8,39 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .core import (TINY_ARCH, file_hash, resolve_arch, get_device, load_clip, read_meta, save_checkpoint,
-                            seed_everything, write_json, atomic_write, images_to_input, freeze)
+                            seed_everything, write_json, atomic_write, images_to_input, freeze, register_tiny_arch,
+                            _looks_like_path)
 from .data import Quadruplets, image_batch
 from .losses import EmbeddingBatch, loss_for_method, weights_for_method
 from .miner import EMBED_FIELDS, MinerConfig, curriculum_schedule, embed_quadruplets, mine_for_quadruplets
 
 # %% auto #0
-__all__ = ['METHODS', 'DATA_SOURCES', 'PRECISION_CHOICES', 'CURRICULA', 'VAL_METRICS', 'LORA_TARGETS', 'TrainConfig',
-           'check_parameters', 'paper_defaults', 'world_config', 'load_training_data', 'resolve_pretrained',
-           'build_trainable', 'base_module', 'merged_state_dict', 'trainable_parameters', 'rewritten_base_weights',
-           'tower_of', 'weight_drift', 'save_state', 'load_state', 'read_jsonl', 'DualEncoder', 'epoch_order',
-           'lr_factor', 'batch_embeddings', 'validate', 'train']
+__all__ = ['METHODS', 'DATA_SOURCES', 'PRECISION_CHOICES', 'CURRICULA', 'VAL_METRICS', 'VAL_METRIC_NAMES', 'RESUME_MAY_DIFFER',
+           'LORA_TARGETS', 'DIST_TIMEOUT_MIN', 'check_arch', 'check_pretrained', 'TrainConfig', 'check_parameters',
+           'paper_defaults', 'world_config', 'load_training_data', 'resolve_pretrained', 'build_trainable',
+           'base_module', 'merged_state_dict', 'trainable_parameters', 'rewritten_base_weights', 'tower_of',
+           'weight_drift', 'save_state', 'read_state_meta', 'load_state', 'config_record', 'config_changes',
+           'check_resume', 'read_jsonl', 'DualEncoder', 'epoch_order', 'lr_factor', 'init_distributed',
+           'broadcast_progress', 'rank_rows', 'gather_rows', 'batch_embeddings', 'validate', 'train', 'parse_cli',
+           'main']
 
 # %% ../nbs/02_train.ipynb #0f142e31
 METHODS = {  # method -> (targets, curriculum default, uses unsafe rows)
@@ -47,6 +54,42 @@ DATA_SOURCES = ("world", "visu")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 CURRICULA = ("auto", "none", "terciles")
 VAL_METRICS = ("rsum", "loss")
+VAL_METRIC_NAMES = {"rsum": "validation R@1 sum", "loss": "epoch-mean training loss"}  # how `final` is chosen
+# where and for how long a run goes, not what it computes: these may differ between a run and its resumption
+RESUME_MAY_DIFFER = ("out_dir", "cache_dir", "data_root", "resume", "progress", "max_steps", "save_every", "device")
+
+
+def check_arch(arch: str) -> None:
+    """Raise ValueError naming `arch` (with close matches and the full list) unless open_clip knows it."""
+    register_tiny_arch()
+    models = open_clip.list_models()
+    if arch not in models:
+        close = difflib.get_close_matches(str(arch), models, n=4, cutoff=0.5)
+        hint = f"did you mean {close}? " if close else ""
+        raise ValueError(f"arch={arch!r} is not an open_clip architecture; {hint}valid architectures: {models}")
+
+
+def check_pretrained(arch: str, pretrained: str | None) -> None:
+    """Raise unless `pretrained` is None, 'world-base', an existing weights file or an open_clip tag of `arch`."""
+    if pretrained is None or pretrained == "world-base":
+        return
+    if _looks_like_path(pretrained) or Path(pretrained).exists():
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"pretrained={pretrained!r}: no such weights file (relative paths are read from "
+                                    f"{Path.cwd()})")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise ValueError(f"pretrained={pretrained!r} is neither a weights file nor an open_clip tag of {arch!r}; "
+                         f"its tags: {tags or '(none: pass a local .safetensors file or None)'}")
+
+
+def _positive_or_none(cfg, names) -> None:
+    """Raise ValueError naming the first field of `names` that is neither None nor an integer >= 1."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
 
 
 @dataclass
@@ -60,7 +103,7 @@ class TrainConfig:
     world_preset: str = "default"             # embedded world size: "default" | "small"
     on_bad_row: str = "error"                 # ViSU rows that fail validation: "error" | "skip" (reported)
     epochs: int = 6
-    batch_size: int = 128
+    batch_size: int = 128                     # the global batch: split over the processes under torchrun
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup: float = 0.05                      # fraction of optimizer steps (or an absolute count if >= 1)
@@ -68,15 +111,15 @@ class TrainConfig:
     clip_grad: float = 1.0                    # max grad norm (0 = off)
     lora_rank: int = 16                       # 0 = full fine-tuning
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0                 # in [0, 1)
     loss_weights: dict = field(default_factory=dict)
     miner_query: str = "text"
     miner_k: int = 1
     miner_exact: bool = True
     miner_index: str = "hnsw"
     curriculum: str = "auto"                  # "auto" (method default) | "none" | "terciles"
-    curriculum_boundaries: tuple = (1 / 3, 2 / 3)
-    val_metric: str = "rsum"                  # best checkpoint by validation R@1 sum ("rsum") or loss
+    curriculum_boundaries: tuple = (1 / 3, 2 / 3)  # strictly increasing fractions in (0, 1)
+    val_metric: str = "rsum"                  # best epoch by validation R@1 sum ("rsum") or epoch-mean training loss
     patience: int = 5                         # epochs without improvement before stopping (0 = never stop)
     max_train_rows: int | None = None         # cap on training rows (smoke runs)
     max_val_rows: int | None = 1000
@@ -85,38 +128,56 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"                   # "auto" = bf16 autocast on CUDA, fp32 elsewhere
-    num_workers: int = 0
     out_dir: str = "runs/saferclip"
     cache_dir: str | None = None              # frozen-embedding / world cache (default: the world's data folder)
-    resume: bool = False
+    resume: bool = False                      # continue out_dir/state.safetensors (must exist; same config)
     progress: bool = True
 
     def __post_init__(self):
         def choice(name, valid):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {list(valid)}")
+        for name in ("pretrained", "data_root", "out_dir", "cache_dir"):  # pathlib.Path → str (JSON-able configs)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         choice("method", METHODS); choice("data", DATA_SOURCES); choice("precision", PRECISION_CHOICES)
         choice("curriculum", CURRICULA); choice("val_metric", VAL_METRICS); choice("on_bad_row", ("error", "skip"))
         choice("world_preset", ("default", "small"))
         for name, lo in [("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 0), ("miner_k", 1),
-                         ("save_every", 1), ("patience", 0), ("num_workers", 0), ("seed", 0)]:
+                         ("save_every", 1), ("patience", 0), ("seed", 0)]:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        _positive_or_none(self, ("max_train_rows", "max_val_rows", "max_steps"))
         for name in ("lr", "weight_decay", "warmup", "clip_grad", "lora_alpha", "lora_dropout"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
                 raise ValueError(f"{name} must be a non-negative number, got {v!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if not self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("miner_exact", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        b = self.curriculum_boundaries
+        if (not isinstance(b, (tuple, list)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        for x in b)
+                or any(not 0 < x < 1 for x in b) or any(x >= y for x, y in zip(b, b[1:]))):
+            raise ValueError(f"curriculum_boundaries must be strictly increasing fractions in (0, 1), got {b!r}")
+        self.curriculum_boundaries = tuple(float(x) for x in b)
+        check_arch(self.arch)
+        check_pretrained(self.arch, self.pretrained)
         if self.data == "visu" and not self.data_root:
             raise ValueError("data='visu' needs data_root: the folder holding ViSU (see nbs/08_paperdata.ipynb)")
+        if self.data == "visu" and not Path(self.data_root).is_dir():
+            raise FileNotFoundError(f"data_root={self.data_root!r}: no such folder (data='visu' reads ViSU from it; "
+                                    "see nbs/08_paperdata.ipynb for the layout)")
         if self.pretrained == "world-base" and self.data != "world":
             raise ValueError("pretrained='world-base' is the embedded world's base model; for data='visu' pass an "
                              "open_clip tag (e.g. 'openai') or a local .safetensors file")
         weights_for_method(self.method, dict(self.loss_weights) or None)  # unknown weight keys fail here
         MinerConfig(query=self.miner_query, k=self.miner_k, exact=self.miner_exact, index=self.miner_index)
-        self.curriculum_boundaries = tuple(float(b) for b in self.curriculum_boundaries)
 
     @property
     def curriculum_mode(self) -> str:
@@ -134,7 +195,7 @@ class TrainConfig:
 
 
 def check_parameters(namespace: dict, names_before: set) -> TrainConfig:
-    """Validate a notebook's papermill parameters: unknown names and bad values fail with the valid choices."""
+    """Validate a notebook's papermill parameters: unknown names, bad values and an impossible resume fail here."""
     fields_ = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = sorted(n for n in set(namespace) - set(names_before) - set(fields_) if not n.startswith("_"))
     if unknown:
@@ -142,7 +203,9 @@ def check_parameters(namespace: dict, names_before: set) -> TrainConfig:
     missing = [n for n in fields_ if n not in namespace]
     if missing:
         raise ValueError(f"the parameters cell does not define {missing}")
-    return TrainConfig.from_params(**{n: namespace[n] for n in fields_})
+    cfg = TrainConfig.from_params(**{n: namespace[n] for n in fields_})
+    check_resume(cfg)
+    return cfg
 
 
 def paper_defaults(method: str) -> dict:
@@ -202,9 +265,9 @@ LORA_TARGETS = ["attn", "c_fc", "c_proj", "conv1"]
 def build_trainable(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """A trainable copy of `model`: LoRA-wrapped (peft) when lora_rank > 0, else all weights trainable."""
     model = copy.deepcopy(model)
-    if cfg.lora_rank == 0:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    if cfg.lora_rank == 0:  # every weight the two towers use (logit_scale/bias are not: the losses fix their scale)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in ("logit_scale", "logit_bias"))
         return model
     from peft import LoraConfig, get_peft_model
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -284,8 +347,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict) -> di
     return {"state": state, "param_groups": skeleton["param_groups"]}
 
 
-def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, progress: dict) -> Path:
-    """Atomically write the resumable training state (one safetensors file)."""
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, progress: dict,
+               run: dict | None = None) -> Path:
+    """Atomically write the resumable training state (one safetensors file); `run` (config, data hash) goes in its header."""
     from safetensors.torch import save_file
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
     tensors.update({f"base/{n}": p.detach().cpu().contiguous() for n, p in rewritten_base_weights(model).items()})
@@ -295,18 +359,29 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, 
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     np_state = np.random.get_state()
-    meta = {"progress": progress, "optimizer": oskel, "scheduler": sched.state_dict(),
+    meta = {**(run or {}), "progress": progress, "optimizer": oskel, "scheduler": sched.state_dict(),
             "rng_python": random.getstate(), "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     header = {"saferclip_state": json.dumps(meta, default=str)}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
 
 
-def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched) -> dict:
-    """Restore a state written by `save_state`; returns its progress record."""
+def read_state_meta(path: Path) -> dict:
+    """The JSON header of a training state (progress, config, data hash, ...) without loading its tensors."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["saferclip_state"])
+            return json.loads(f.metadata()["saferclip_state"])
+    except Exception as e:
+        raise ValueError(f"cannot resume from {path}: not a readable training state (truncated or corrupt?): {e}. "
+                         "Delete it to start over, or pass resume=False.") from e
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched) -> dict:
+    """Restore a state written by `save_state`; returns its progress record."""
+    from safetensors import safe_open
+    meta = read_state_meta(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
             # clone: fresh (64-byte aligned) buffers, so vectorised kernels take the same paths as in the original run
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as e:
@@ -332,6 +407,39 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched) 
     npst = meta["rng_numpy"]
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
     return meta["progress"]
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """The config as stored in a training state (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'name: saved → now' for every field that differs from a state's stored config (RESUME_MAY_DIFFER excepted)."""
+    now = config_record(cfg)
+    return [f"{k}: {saved[k]!r} → {now[k]!r}" for k in now
+            if k in saved and k not in RESUME_MAY_DIFFER and saved[k] != now[k]]
+
+
+def check_resume(cfg: TrainConfig) -> dict:
+    """The header of the state a `resume=True` run continues ({} for a fresh run); raises if it is missing or differs."""
+    if not cfg.resume:
+        return {}
+    path = Path(cfg.out_dir) / "state.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume=True but there is no training state {path} to resume from: pass "
+                                "resume=False to start a new run there (or point out_dir at the interrupted run)")
+    meta = read_state_meta(path)
+    if "config" not in meta:
+        warnings.warn(f"{path} holds no config (written by an older saferclip): cannot check that this run "
+                      "continues with the same settings")
+        return meta
+    changed = config_changes(meta["config"], cfg)
+    if changed:
+        raise ValueError(f"cannot resume {path} with a different config: {'; '.join(changed)}. Resume with the "
+                         f"saved values, or pass resume=False to start over (only {list(RESUME_MAY_DIFFER)} may "
+                         "differ on resume)")
+    return meta
 
 # %% ../nbs/02_train.ipynb #c17aba48
 def _truncate_jsonl(path: Path, keep) -> None:
@@ -390,39 +498,124 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+DIST_TIMEOUT_MIN = 120  # process-group timeout: the other ranks wait while rank 0 encodes a new dataset once
+
+
 def _dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (single process when unset)."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins torchrun's process group (nccl on CUDA, else gloo), or one process."""
+    rank, world, local_rank = _dist_info()
+    if world == 1:
+        return 0, 1, get_device(device)
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        from datetime import timedelta
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=DIST_TIMEOUT_MIN))
+    dev = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+def _barrier(world: int) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def broadcast_progress(progress: dict, world: int) -> dict:
+    """Rank 0's progress record on every rank: the epoch-end decisions (best, patience, stop) are rank 0's."""
+    if world == 1:
+        return progress
+    import torch.distributed as dist
+    box = [progress]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_rows(batch: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this rank's rows, keep-mask of the gathered rows): contiguous chunks of ceil(B/world) rows, short ones padded.
+
+    A chunk shorter than the others (or empty: a last batch with fewer rows than processes) is padded by repeating
+    the batch's first row, so every rank runs the same shapes and joins every collective; `keep` (the same on every
+    rank) drops the padding from the rank-ordered gather, which then is exactly `batch`."""
+    batch = np.asarray(batch)
+    if len(batch) == 0:
+        raise ValueError("rank_rows: empty batch")
+    per = -(-len(batch) // world)
+    own = batch[rank * per:(rank + 1) * per]
+    counts = [min(per, max(0, len(batch) - r * per)) for r in range(world)]
+    keep = np.concatenate([np.arange(per) < c for c in counts])
+    return np.concatenate([own, np.repeat(batch[:1], per - len(own))]), keep
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0; backward sums every rank's gradient and hands each rank the rows it contributed."""
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` in rank order (float32), differentiable: gradients reach the rank that made each row."""
+    return _GatherRows.apply(x.float())
+
+
 def batch_embeddings(step_model: nn.Module, tokenizer, train: Quadruplets, idx: np.ndarray,
                      ref: dict[str, torch.Tensor], targets: np.ndarray | None, unsafe: bool,
-                     raw_model: nn.Module, device: torch.device) -> EmbeddingBatch:
-    """Trainable embeddings of rows `idx` (t, t*, v, v* in two tower passes) plus their cached frozen rows."""
-    n = len(idx)
-    texts = list(train.safe_captions[i] for i in idx) + (list(train.unsafe_captions[i] for i in idx) if unsafe else [])
-    imgs = image_batch(train.safe_images, idx, model=raw_model)
+                     raw_model: nn.Module, device: torch.device, rank: int = 0, world: int = 1,
+                     preprocess=None) -> EmbeddingBatch:
+    """Trainable embeddings of batch `idx` (t, t*, v, v* in two tower passes) plus their cached frozen rows.
+
+    With `world` > 1 this rank encodes only its `rank_rows` share and the embeddings of the whole batch are
+    gathered (with gradient), so every rank computes the loss of the global batch, as one process would.
+    `preprocess` (open_clip's) reads image files (ViSU); tensor images only need `raw_model`."""
+    own, keep = rank_rows(idx, rank, world)
+    n = len(own)
+    texts = list(train.safe_captions[i] for i in own) + (list(train.unsafe_captions[i] for i in own) if unsafe else [])
+    imgs = image_batch(train.safe_images, own, model=raw_model, preprocess=preprocess)
     if unsafe:
-        imgs = torch.cat([imgs, image_batch(train.unsafe_images, idx, model=raw_model)])
+        imgs = torch.cat([imgs, image_batch(train.unsafe_images, own, model=raw_model, preprocess=preprocess)])
     img, txt = step_model(imgs.to(device), tokenizer(texts).to(device))
-    t = torch.as_tensor(idx)
-    emb = dict(txt_safe=txt[:n], img_safe=img[:n], ref_txt_safe=ref["safe_text"][t].to(device),
-               ref_img_safe=ref["safe_image"][t].to(device))
+    parts = {"txt_safe": txt[:n], "img_safe": img[:n]}
     if unsafe:
-        tgt = torch.as_tensor(targets[idx] if targets is not None else idx)
-        emb.update(txt_unsafe=txt[n:], img_unsafe=img[n:], ref_txt_unsafe=ref["unsafe_text"][t].to(device),
-                   ref_img_unsafe=ref["unsafe_image"][t].to(device),
+        parts.update(txt_unsafe=txt[n:], img_unsafe=img[n:])
+    if world > 1:
+        k = torch.as_tensor(keep, device=device)
+        parts = {name: gather_rows(x)[k] for name, x in parts.items()}
+    t = torch.as_tensor(np.asarray(idx))
+    emb = dict(parts, ref_txt_safe=ref["safe_text"][t].to(device), ref_img_safe=ref["safe_image"][t].to(device))
+    if unsafe:
+        tgt = torch.as_tensor(targets[idx] if targets is not None else np.asarray(idx))
+        emb.update(ref_txt_unsafe=ref["unsafe_text"][t].to(device), ref_img_unsafe=ref["unsafe_image"][t].to(device),
                    ref_txt_target=ref["safe_text"][tgt].to(device), ref_img_target=ref["safe_image"][tgt].to(device))
     return EmbeddingBatch(**emb)
 
 
-def validate(model: nn.Module, tokenizer, val: Quadruplets, device: torch.device) -> dict[str, float]:
-    """Validation retrieval R@1 (T→V, V→T, T*→V, V*→T) and their sum."""
+def validate(model: nn.Module, tokenizer, val: Quadruplets, device: torch.device, preprocess=None) -> dict[str, float]:
+    """Validation retrieval R@1 (T→V, V→T, T*→V, V*→T) and their sum (`preprocess` reads image files, e.g. ViSU)."""
     from saferclip.retrieval import evaluate_quadruplets
     was_training = model.training
     model.eval()
-    m = evaluate_quadruplets(model, tokenizer, val, ks=(1,), device=device)
+    m = evaluate_quadruplets(model, tokenizer, val, ks=(1,), device=device, preprocess=preprocess)
     model.train(was_training)
     keys = ["T->V@1", "V->T@1", "T*->V@1", "V*->T@1"]
     out = {f"val_{k}": float(m[k]) for k in keys if k in m}
@@ -438,29 +631,27 @@ def train(config: TrainConfig | dict) -> Path:
         cfg = TrainConfig.from_params(**dataclasses.asdict(config))
     else:
         cfg = TrainConfig.from_params(**config)
-    rank, world, local_rank = _dist_info()
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        device = get_device(cfg.device)
+    rank, world, device = init_distributed(cfg.device)
     is_main = rank == 0
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state_path, final_path, last_path = out / "state.safetensors", out / "final.safetensors", out / "last.safetensors"
-    if not cfg.resume and state_path.exists() and is_main:
-        for p in ["steps.jsonl", "epochs.jsonl", "drift.jsonl", "epochs.csv", "state.safetensors"]:
-            (out / p).unlink(missing_ok=True)
+    saved = check_resume(cfg)  # before anything is loaded: a missing state or a changed config fails here
+    if is_main:  # only rank 0 writes, here and below
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            for p in ["steps.jsonl", "epochs.jsonl", "drift.jsonl", "epochs.csv", "state.safetensors"]:
+                (out / p).unlink(missing_ok=True)
     seed_everything(cfg.seed)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         "bf16" if cfg.precision == "auto" and device.type == "cuda" else cfg.precision)
 
-    # 1. data, weights, frozen reference embeddings, targets, schedule
+    # 1. data, weights, frozen reference embeddings, targets, schedule (rank 0 fills the caches, then the others read)
+    if not is_main:
+        _barrier(world)
     train_q, val_q, data_info = load_training_data(cfg)
+    if saved.get("data_hash") not in (None, train_q.fingerprint()):
+        raise ValueError(f"cannot resume {state_path}: the training data changed (fingerprint {saved['data_hash']} "
+                         f"→ {train_q.fingerprint()}); pass resume=False to start over")
     pretrained = resolve_pretrained(cfg)
     base, preprocess, tokenizer = load_clip(cfg.arch, pretrained, device=device)
     freeze(base)
@@ -477,6 +668,8 @@ def train(config: TrainConfig | dict) -> Path:
         mined = mine_for_quadruplets(base, tokenizer, train_q, mcfg, cache_dir=cache_dir, model_id=model_id,
                                      device=device, preprocess=preprocess)
         targets = mined.target_index
+    if is_main:
+        _barrier(world)
     # curriculum difficulty: similarity of t* to its target in the frozen text space (rigid: to its own t)
     sim = mined.target_sim if mined is not None else (ref["safe_text"] * ref.get("unsafe_text", ref["safe_text"])).sum(-1).numpy()
     schedule = curriculum_schedule(sim, cfg.epochs, mode=cfg.curriculum_mode, boundaries=cfg.curriculum_boundaries)
@@ -495,15 +688,18 @@ def train(config: TrainConfig | dict) -> Path:
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     loss_fn = loss_for_method(cfg.method, dict(cfg.loss_weights) or None)
+    run_state = {"config": config_record(cfg), "data_hash": train_q.fingerprint(), "world_size": world}
 
     progress = {"epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "stopped": False}
-    if cfg.resume and state_path.exists():
+    if cfg.resume:
         progress = load_state(state_path, model, opt, sched)
-        _truncate_jsonl(out / "steps.jsonl", lambda r: r["step"] <= progress["global_step"])
-        _truncate_jsonl(out / "epochs.jsonl", lambda r: r["epoch"] <= progress["epoch"])
-        _truncate_jsonl(out / "drift.jsonl", lambda r: r["epoch"] <= progress["epoch"])
+        if is_main:
+            _truncate_jsonl(out / "steps.jsonl", lambda r: r["step"] <= progress["global_step"])
+            _truncate_jsonl(out / "epochs.jsonl", lambda r: r["epoch"] <= progress["epoch"])
+            _truncate_jsonl(out / "drift.jsonl", lambda r: r["epoch"] <= progress["epoch"])
     run_meta = {"arch": resolve_arch(cfg.arch, pretrained), "config": dataclasses.asdict(cfg), "pretrained": pretrained,
-                "data_hash": train_q.fingerprint(), "data": data_info, "n_train": len(train_q), "n_val": len(val_q)}
+                "data_hash": train_q.fingerprint(), "data": data_info, "n_train": len(train_q), "n_val": len(val_q),
+                "world_size": world}
     if is_main:
         write_json(out / "config.json", run_meta)
         if mined is not None:
@@ -512,7 +708,7 @@ def train(config: TrainConfig | dict) -> Path:
         if progress["global_step"] == 0 and progress["epoch"] == 0 and progress["batch"] == 0:
             drift0, rows0 = weight_drift(base_sd, base_sd)
             _append_jsonl(out / "drift.jsonl", [{"epoch": 0, **r} for r in rows0])
-            _append_jsonl(out / "epochs.jsonl", [{"epoch": 0, **drift0, **validate(model, tokenizer, val_q, device)}])
+            _append_jsonl(out / "epochs.jsonl", [{"epoch": 0, **drift0, **validate(model, tokenizer, val_q, device, preprocess)}])
 
     # 3. epochs
     for epoch in range(progress["epoch"], cfg.epochs):
@@ -525,19 +721,21 @@ def train(config: TrainConfig | dict) -> Path:
                    disable=not (cfg.progress and is_main))
         step_records, accum = [], 0
         for b in range(progress["batch"], len(batches)):
-            idx = batches[b][rank::world] if world > 1 else batches[b]
+            # micro-batches in this optimizer step (the epoch's last step may have fewer than grad_accum)
+            group = min(cfg.grad_accum, len(batches) - b // cfg.grad_accum * cfg.grad_accum)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                emb = batch_embeddings(step_model, tokenizer, train_q, idx, ref, targets, unsafe, base, device)
+                emb = batch_embeddings(step_model, tokenizer, train_q, batches[b], ref, targets, unsafe, base, device,
+                                       rank=rank, world=world, preprocess=preprocess)
                 loss, terms = loss_fn(emb)
             if not torch.isfinite(loss):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                 raise FloatingPointError(f"non-finite loss at step {progress['global_step'] + 1} (epoch {epoch + 1}, "
                                          f"batch {b + 1}): terms {bad or list(terms)} = "
-                                         f"{ {k: float(terms[k]) for k in (bad or terms)} }; no checkpoint written")
-            (loss / cfg.grad_accum).backward()
+                                         f"{ {k: float(terms[k].detach()) for k in (bad or terms)} }; no checkpoint written")
+            (loss / group).backward()
             accum += 1
             last_in_epoch = b == len(batches) - 1
-            if accum == cfg.grad_accum or last_in_epoch:
+            if accum == group:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
                 opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
                 accum = 0
@@ -549,41 +747,82 @@ def train(config: TrainConfig | dict) -> Path:
                 budget_spent = cfg.max_steps is not None and progress["global_step"] >= cfg.max_steps
                 if is_main and not last_in_epoch and (progress["global_step"] % cfg.save_every == 0 or budget_spent):
                     _append_jsonl(out / "steps.jsonl", step_records); step_records = []
-                    save_state(state_path, model, opt, sched, progress)
+                    save_state(state_path, model, opt, sched, progress, run_state)
                 if budget_spent and not last_in_epoch:
                     bar.close()
+                    _barrier(world)  # the state is on disk before any rank returns
                     return final_path
             bar.update(1); bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
-        if not is_main:
+        if is_main:  # end of epoch: validation, drift, checkpoints, patience (rank 0 decides, then broadcasts)
+            _append_jsonl(out / "steps.jsonl", step_records)
+            state = merged_state_dict(model)
+            drift, rows = weight_drift(state, base_sd)
+            metrics = validate(model, tokenizer, val_q, device, preprocess)
+            train_loss = float(np.mean([r["loss"] for r in read_jsonl(out / "steps.jsonl") if r["epoch"] == epoch + 1]))
+            score = metrics["val_rsum"] if cfg.val_metric == "rsum" else -train_loss
+            improved = progress["best"] is None or score > progress["best"]
+            rec = {"epoch": epoch + 1, **drift, **metrics, "train_loss": train_loss, "rows": len(order),
+                   "seconds": time.time() - t0, "improved": improved}
+            if improved:
+                progress["best"], progress["bad_epochs"] = score, 0
+            else:
+                progress["bad_epochs"] += 1
+                if cfg.patience and progress["bad_epochs"] >= cfg.patience and epoch + 1 < cfg.epochs:
+                    progress["stopped"] = True
+                    rec["early_stop"] = (f"no better {cfg.val_metric} for {cfg.patience} epoch(s) (patience): stopped "
+                                         f"after epoch {epoch + 1} of {cfg.epochs}")
+                    print(f"{cfg.method}: {rec['early_stop']}", flush=True)
+            _append_jsonl(out / "epochs.jsonl", [rec])
+            _append_jsonl(out / "drift.jsonl", [{"epoch": epoch + 1, **r} for r in rows])
+            _write_csv(out / "epochs.csv", read_jsonl(out / "epochs.jsonl"))
+            meta = {**run_meta, "epoch": epoch + 1, "metrics": metrics, "drift": drift}
+            save_checkpoint(state, last_path, meta)
+            if improved:
+                save_checkpoint(state, final_path, {**meta, "selected": f"best {VAL_METRIC_NAMES[cfg.val_metric]}"})
             progress.update(epoch=epoch + 1, batch=0)
-            continue
-        _append_jsonl(out / "steps.jsonl", step_records)
-        # end of epoch: validation, drift, checkpoints, patience
-        state = merged_state_dict(model)
-        drift, rows = weight_drift(state, base_sd)
-        metrics = validate(model, tokenizer, val_q, device)
-        score = metrics["val_rsum"] if cfg.val_metric == "rsum" else -float(np.mean([r["loss"] for r in read_jsonl(out / "steps.jsonl") if r["epoch"] == epoch + 1]))
-        improved = progress["best"] is None or score > progress["best"]
-        rec = {"epoch": epoch + 1, **drift, **metrics, "rows": len(order), "seconds": time.time() - t0,
-               "improved": improved}
-        _append_jsonl(out / "epochs.jsonl", [rec])
-        _append_jsonl(out / "drift.jsonl", [{"epoch": epoch + 1, **r} for r in rows])
-        _write_csv(out / "epochs.csv", read_jsonl(out / "epochs.jsonl"))
-        meta = {**run_meta, "epoch": epoch + 1, "metrics": metrics, "drift": drift}
-        save_checkpoint(state, last_path, meta)
-        if improved:
-            progress["best"], progress["bad_epochs"] = score, 0
-            save_checkpoint(state, final_path, {**meta, "selected": f"best validation {cfg.val_metric}"})
-        else:
-            progress["bad_epochs"] += 1
-            if cfg.patience and progress["bad_epochs"] >= cfg.patience:
-                progress["stopped"] = True
-        progress.update(epoch=epoch + 1, batch=0)
-        save_state(state_path, model, opt, sched, progress)
+            save_state(state_path, model, opt, sched, progress, run_state)
+        progress = broadcast_progress(dict(progress, epoch=epoch + 1, batch=0), world)
         if cfg.max_steps is not None and progress["global_step"] >= cfg.max_steps:
             break
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    _barrier(world)
     return final_path
+
+# %% ../nbs/02_train.ipynb #c1a9f3e1
+def _literal(text: str) -> Any:
+    """A command-line value as a Python literal (1e-4, None, True, (0.2, 0.5), {...}), else the string itself."""
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_cli(argv: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from `--name value` arguments, one per field (`--lora-rank` or `--lora_rank`)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m saferclip.train", description="Fine-tune a CLIP (saferclip.train); "
+                                 "under torchrun every process runs this with the same arguments.")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        ap.add_argument(f"--{f.name.replace('_', '-')}", f"--{f.name}", dest=f.name, type=_literal,
+                        default=argparse.SUPPRESS, metavar="VALUE", help=f"default: {default!r}")
+    return TrainConfig.from_params(**vars(ap.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Entry point of `python -m saferclip.train` and `torchrun ... -m saferclip.train`."""
+    path = train(parse_cli(argv))
+    if _dist_info()[0] == 0:
+        print(f"final checkpoint: {path}", flush=True)
+    return path
+
+
+def _in_ipython() -> bool:
+    """True inside IPython/Jupyter (a notebook cell is also `__main__`)."""
+    import builtins
+    return hasattr(builtins, "get_ipython") or hasattr(builtins, "__IPYTHON__")
+
+# %% ../nbs/02_train.ipynb #c1a9f3e3
+if __name__ == "__main__" and not _in_ipython():
+    main()
