@@ -21,10 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['ArrayLike', 'VALID_INDEXES', 'QUERY_MODES', 'EMBED_FIELDS', 'CURRICULUM_MODES', 'l2_normalize', 'default_threads',
-           'faiss_threads', 'default_nlist', 'build_index', 'mine_targets', 'recall_vs_exact', 'sample_topk',
-           'MinerConfig', 'MinedTargets', 'duplicate_pairs', 'model_fingerprint', 'embed_quadruplets', 'query_matrices',
-           'mine_for_quadruplets', 'curriculum_schedule', 'proximity_report', 'plot_proximity']
+__all__ = ['ArrayLike', 'VALID_INDEXES', 'HNSW_M', 'HNSW_EF_CONSTRUCTION', 'HNSW_EF_SEARCH', 'EXACT_BACKENDS',
+           'FAISS_RESERVOIR_K', 'QUERY_MODES', 'EMBED_FIELDS', 'CURRICULUM_MODES', 'l2_normalize', 'default_threads',
+           'faiss_threads', 'default_nlist', 'build_index', 'chunk_rows', 'torch_search_settings', 'exact_topk',
+           'mine_targets', 'recall_vs_exact', 'sample_topk', 'MinerConfig', 'MinedTargets', 'duplicate_pairs',
+           'model_fingerprint', 'embed_quadruplets', 'query_matrices', 'mine_for_quadruplets', 'curriculum_schedule',
+           'proximity_report', 'plot_proximity']
 
 # %% ../nbs/01_miner.ipynb #f06f89d6
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
@@ -75,14 +77,17 @@ def faiss_threads(n: int | None = None):
         faiss.omp_set_num_threads(prev)
 
 # %% ../nbs/01_miner.ipynb #9e4a27ec
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 24, 60, 96   # measured: results/benchmarks.md §2 (HNSW sweep)
+
+
 def default_nlist(n: int) -> int:
     "IVF cell count: ~4·√n, capped so every cell gets ≥ 39 training points (faiss' recommendation)."
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
 
 
-def build_index(pool: np.ndarray, exact: bool = True, index: str = "hnsw", seed: int = 0, hnsw_m: int = 32,
-                ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None,
-                nprobe: int | None = None) -> faiss.Index:
+def build_index(pool: np.ndarray, exact: bool = True, index: str = "hnsw", seed: int = 0, hnsw_m: int = HNSW_M,
+                ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
+                nlist: int | None = None, nprobe: int | None = None) -> faiss.Index:
     "A faiss inner-product index over the (already normalised, float32) `pool`, filled and ready to search."
     if index not in VALID_INDEXES:
         raise ValueError(f"index={index!r} is not valid; choose one of {VALID_INDEXES}")
@@ -103,6 +108,70 @@ def build_index(pool: np.ndarray, exact: bool = True, index: str = "hnsw", seed:
         ix.nprobe = int(min(nl, nprobe if nprobe else max(1, nl // 8)))
     ix.add(pool)
     return ix
+
+# %% ../nbs/01_miner.ipynb #b7e3c1a1
+EXACT_BACKENDS = ("torch", "faiss")
+FAISS_RESERVOIR_K = 100   # faiss.cvar.distance_compute_min_k_reservoir: from this k on faiss' ties differ
+
+
+def _faiss_heap_mask(s: torch.Tensor, k: int) -> torch.Tensor:
+    "Bool mask [b, P] of the `k` columns per row that faiss' IndexFlatIP heap keeps (ties: see above)."
+    t = s.topk(k, dim=1).values[:, -1:]
+    gt, tie = s > t, s == t
+    ge = (gt | tie).to(torch.int32)
+    before = ge.cumsum(1, dtype=torch.int32) - ge                # items >= t at a smaller index
+    entered = tie & (before < k)                                 # a tie enters while fewer than k items >= t are in
+    rank = entered.to(torch.int32).cumsum(1, dtype=torch.int32)  # 1-based order of entry among the tied
+    n_keep = k - gt.sum(1, keepdim=True, dtype=torch.int32)      # tied slots left once all items above t are in
+    return gt | (entered & (rank > entered.sum(1, keepdim=True, dtype=torch.int32) - n_keep))
+
+
+def chunk_rows(n_pool: int, chunk_mb: float = 256) -> int:
+    "Query rows per block so that one block of float32 similarities [rows, n_pool] takes at most `chunk_mb` MiB."
+    return int(max(1, chunk_mb * 2**20 // (4 * max(1, n_pool))))
+
+
+@contextmanager
+def torch_search_settings(device: torch.device, threads: int | None = None):
+    "Strict fp32 matmuls on CUDA (no TF32) and `threads` torch CPU threads for the duration; restores both after."
+    prev_threads, prev_prec = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    if threads and device.type == "cpu":
+        torch.set_num_threads(int(threads))
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision(prev_prec)
+
+
+def exact_topk(queries: np.ndarray, pool: np.ndarray, k: int, device: str | torch.device | None = None,
+               chunk_mb: float = 256, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    "Exact top-`k` inner products of `queries` in `pool` (chunked torch matmul, faiss IndexFlatIP's ties), nearest first."
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    n, n_pool = queries.shape[0], pool.shape[0]
+    if not 1 <= k <= n_pool:
+        raise ValueError(f"k={k} must be between 1 and the pool size ({n_pool})")
+    out_i, out_s = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    rows = chunk_rows(n_pool, chunk_mb)
+    with torch_search_settings(dev, threads), torch.no_grad():
+        p = torch.from_numpy(np.ascontiguousarray(pool, np.float32)).to(dev)
+        for a in range(0, n, rows):
+            q = torch.from_numpy(np.ascontiguousarray(queries[a:a + rows], np.float32)).to(dev)
+            s = q @ p.T                                           # [rows, n_pool]: the only large buffer
+            v, i = s.topk(min(k + 1, n_pool), dim=1)              # one extra: is the k-th value tied beyond k?
+            tied = (v[:, k - 1] == v[:, k]).nonzero()[:, 0] if k < n_pool else i[:0, 0]
+            v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
+            if len(tied):                                         # then the set is faiss' choice, not topk's
+                i[tied] = _faiss_heap_mask(s[tied], k).nonzero()[:, 1].view(-1, k)
+                v[tied] = s[tied].gather(1, i[tied])
+            i, o = i.sort(dim=1)                                  # nearest first, ties by the smaller index
+            v, o = v.gather(1, o).sort(dim=1, descending=True, stable=True)
+            out_i[a:a + rows], out_s[a:a + rows] = i.gather(1, o).cpu().numpy(), v.cpu().numpy()
+            del s
+    return out_i, out_s
 
 # %% ../nbs/01_miner.ipynb #391c71a3
 def _exclusion_pairs(exclude, n_queries: int, n_pool: int) -> np.ndarray:
@@ -128,28 +197,30 @@ def _exclusion_pairs(exclude, n_queries: int, n_pool: int) -> np.ndarray:
     return np.unique(a.astype(np.int64), axis=0)
 
 
-def _exact_rows(q: np.ndarray, pool: np.ndarray, rows: np.ndarray, k: int, pairs: np.ndarray):
-    "Brute-force top-k (ties to the smaller index) for the query `rows`, honouring excluded `pairs`."
-    s = q[rows] @ pool.T
-    pos = {int(r): i for i, r in enumerate(rows)}
-    for r, c in pairs:
-        if int(r) in pos:
-            s[pos[int(r)], c] = -np.inf
-    cols = np.broadcast_to(np.arange(pool.shape[0]), s.shape)
-    order = np.lexsort((cols, -s), axis=-1)[:, :k]
-    return order.astype(np.int64), np.take_along_axis(s, order, axis=1)
+def _drop_excluded(idx: np.ndarray, sims: np.ndarray, pairs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "First `k` admissible candidates per row (similarity desc, then smaller index); -inf where fewer are left."
+    bad = idx < 0  # approximate indexes may return fewer candidates than asked for
+    if len(pairs):
+        eq = idx[pairs[:, 0]] == pairs[:, 1][:, None]
+        np.logical_or.at(bad, pairs[:, 0], eq)
+    sims = np.where(bad, -np.inf, sims).astype(np.float32)
+    order = np.lexsort((np.where(bad, np.iinfo(np.int64).max, idx), -sims), axis=-1)[:, :k]
+    return np.take_along_axis(idx, order, axis=1).astype(np.int64), np.take_along_axis(sims, order, axis=1)
 
 
 def mine_targets(queries: ArrayLike, pool: ArrayLike, k: int = 1, exact: bool = True, index: str = "hnsw",
-                 exclude=None, seed: int = 0, *, hnsw_m: int = 32, ef_construction: int = 200,
-                 ef_search: int = 128, nlist: int | None = None, nprobe: int | None = None,
-                 threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 exclude=None, seed: int = 0, *, hnsw_m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                 ef_search: int = HNSW_EF_SEARCH, nlist: int | None = None, nprobe: int | None = None,
+                 threads: int | None = None, exact_backend: str = "torch", device: str | torch.device | None = None,
+                 chunk_mb: float = 256) -> tuple[np.ndarray, np.ndarray]:
     "Top-`k` pool items by cosine similarity for each query: (indices [N,k] int64, similarities [N,k] float32), nearest first."
     q, p = l2_normalize(queries, "queries"), l2_normalize(pool, "pool")
     if q.shape[1] != p.shape[1]:
         raise ValueError(f"queries have dimension {q.shape[1]} but pool has dimension {p.shape[1]}")
     if index not in VALID_INDEXES:
         raise ValueError(f"index={index!r} is not valid; choose one of {VALID_INDEXES}")
+    if exact_backend not in EXACT_BACKENDS:
+        raise ValueError(f"exact_backend={exact_backend!r} is not valid; choose one of {EXACT_BACKENDS}")
     k, n, n_pool = int(k), q.shape[0], p.shape[0]
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -163,22 +234,21 @@ def mine_targets(queries: ArrayLike, pool: ArrayLike, k: int = 1, exact: bool = 
         raise ValueError(f"query {r}: only {n_pool - n_excl[r]} pool items remain after excluding {n_excl[r]} "
                          f"duplicates, fewer than k={k}")
     kk = int(min(n_pool, k + n_excl.max(initial=0)))
-    with faiss_threads(threads):
-        ix = build_index(p, exact=exact, index=index, seed=seed, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                         ef_search=max(ef_search, kk), nlist=nlist, nprobe=nprobe)
-        sims, idx = ix.search(q, kk)
-    bad = idx < 0  # approximate indexes may return fewer than kk results
-    if len(pairs):
-        eq = idx[pairs[:, 0]] == pairs[:, 1][:, None]
-        np.logical_or.at(bad, pairs[:, 0], eq)
-    sims = np.where(bad, -np.inf, sims).astype(np.float32)
-    idx_key = np.where(bad, np.iinfo(np.int64).max, idx)
-    order = np.lexsort((idx_key, -sims), axis=-1)[:, :k]  # similarity desc, then smaller index
-    out_i = np.take_along_axis(idx, order, axis=1).astype(np.int64)
-    out_s = np.take_along_axis(sims, order, axis=1)
-    redo = np.flatnonzero(~np.isfinite(out_s).all(axis=1))
+    exact_kw = dict(device=device, chunk_mb=chunk_mb, threads=threads)
+    if exact and exact_backend == "torch":
+        idx, sims = exact_topk(q, p, kk, **exact_kw)
+    else:
+        with faiss_threads(threads):
+            ix = build_index(p, exact=exact, index=index, seed=seed, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                             ef_search=max(ef_search, kk), nlist=nlist, nprobe=nprobe)
+            sims, idx = ix.search(q, kk)
+    out_i, out_s = _drop_excluded(idx, sims, pairs, k)
+    redo = np.flatnonzero(~np.isfinite(out_s).all(axis=1))      # approximate rows left short: search them exactly
     if len(redo):
-        out_i[redo], out_s[redo] = _exact_rows(q, p, redo, k, pairs)
+        sub = pairs[np.isin(pairs[:, 0], redo)]
+        sub = np.stack([np.searchsorted(redo, sub[:, 0]), sub[:, 1]], 1)
+        kr = int(min(n_pool, k + n_excl[redo].max()))
+        out_i[redo], out_s[redo] = _drop_excluded(*exact_topk(q[redo], p, kr, **exact_kw), sub, k)
     return out_i, np.ascontiguousarray(out_s, dtype=np.float32)
 
 # %% ../nbs/01_miner.ipynb #e0da67e5
@@ -209,23 +279,48 @@ def sample_topk(indices: ArrayLike, similarities: ArrayLike | None = None,
 QUERY_MODES = ("text", "image", "both")
 
 
+def _check_int(name: str, v, allow_none: bool = False) -> None:
+    "Raise unless `v` is a positive integer (or None when `allow_none`)."
+    if v is None and allow_none:
+        return
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"MinerConfig.{name} must be a positive integer{' or None' if allow_none else ''}, got {v!r}")
+
+
 @dataclass
 class MinerConfig:
     "Settings of the proximity target miner (defaults = the paper: text query, exact top-1)."
     query: str = "text"              # "text" | "image" | "both" (mean of text-text and image-image cosine)
     k: int = 1                       # sample uniformly among the k nearest safe items
-    exact: bool = True               # exact IndexFlatIP; False -> approximate `index`
+    exact: bool = True               # exact search; False -> approximate `index`
     index: str = "hnsw"              # "hnsw" | "ivf" (used when exact=False)
     seed: int = 0                    # seeds top-k sampling and IVF k-means
     exclude_duplicates: bool = True  # a safe caption string-identical to the unsafe query (other rows) is excluded
+    exact_backend: str = "torch"     # exact search: "torch" (chunked matmul, CPU/GPU) | "faiss" (IndexFlatIP), same ties
+    hnsw_m: int = HNSW_M                             # HNSW links per node
+    hnsw_ef_construction: int = HNSW_EF_CONSTRUCTION  # HNSW candidate list at build time
+    hnsw_ef_search: int = HNSW_EF_SEARCH              # HNSW candidate list at query time
+    ivf_nlist: int | None = None     # IVF cells (None: default_nlist(pool size))
+    ivf_nprobe: int | None = None    # IVF cells visited per query (None: nlist // 8)
 
     def __post_init__(self):
         if self.query not in QUERY_MODES:
             raise ValueError(f"MinerConfig.query={self.query!r} is not valid; choose one of {QUERY_MODES}")
         if self.index not in VALID_INDEXES:
             raise ValueError(f"MinerConfig.index={self.index!r} is not valid; choose one of {VALID_INDEXES}")
-        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"MinerConfig.k must be a positive integer, got {self.k!r}")
+        if self.exact_backend not in EXACT_BACKENDS:
+            raise ValueError(f"MinerConfig.exact_backend={self.exact_backend!r} is not valid; choose one of {EXACT_BACKENDS}")
+        _check_int("k", self.k)
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
+            _check_int(name, getattr(self, name))
+        for name in ("ivf_nlist", "ivf_nprobe"):
+            _check_int(name, getattr(self, name), allow_none=True)
+
+    def search_kwargs(self) -> dict:
+        "The keyword arguments of `mine_targets` that this config sets."
+        return dict(k=self.k, exact=self.exact, index=self.index, seed=self.seed, exact_backend=self.exact_backend,
+                    hnsw_m=self.hnsw_m, ef_construction=self.hnsw_ef_construction, ef_search=self.hnsw_ef_search,
+                    nlist=self.ivf_nlist, nprobe=self.ivf_nprobe)
 
 
 @dataclass
@@ -251,7 +346,7 @@ def duplicate_pairs(query_captions: Sequence[str], pool_captions: Sequence[str],
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 # %% ../nbs/01_miner.ipynb #504d760f
-from .core import encode_images, encode_texts
+from .core import encode_images, encode_texts, get_device
 
 EMBED_FIELDS = ("safe_text", "unsafe_text", "safe_image", "unsafe_image")
 
@@ -344,6 +439,12 @@ def query_matrices(emb: dict[str, torch.Tensor], query: str = "text") -> tuple[n
     return cat("unsafe_text", "unsafe_image"), cat("safe_text", "safe_image")
 
 
+def _search_device(model: torch.nn.Module, device=None) -> torch.device:
+    "CUDA if the encoder runs there (`device`, else the model's parameters), otherwise CPU."
+    dev = get_device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
 def mine_for_quadruplets(model, tokenizer, quads, cfg: MinerConfig | None = None, cache_dir: str | Path | None = None,
                          model_id: str | None = None, device=None, batch_size: int = 256, preprocess=None,
                          progress: bool = False) -> MinedTargets:
@@ -354,7 +455,7 @@ def mine_for_quadruplets(model, tokenizer, quads, cfg: MinerConfig | None = None
                             batch_size=batch_size, preprocess=preprocess, progress=progress)
     q, p = query_matrices(emb, cfg.query)
     pairs = duplicate_pairs(quads.unsafe_captions, quads.safe_captions) if cfg.exclude_duplicates else None
-    idx, sims = mine_targets(q, p, k=cfg.k, exact=cfg.exact, index=cfg.index, exclude=pairs, seed=cfg.seed)
+    idx, sims = mine_targets(q, p, exclude=pairs, device=_search_device(model, device), **cfg.search_kwargs())
     target = sample_topk(idx, sims, seed=cfg.seed)
     query_sim = sims[np.arange(len(target)), (idx == target[:, None]).argmax(1)]
     ut, st = l2_normalize(emb["unsafe_text"], "unsafe_text"), l2_normalize(emb["safe_text"], "safe_text")

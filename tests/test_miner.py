@@ -1,12 +1,16 @@
-"""Tests of saferclip.miner: faiss search vs brute force, approximate recall, exclusion, cache, curriculum, report."""
+"""Tests of saferclip.miner: exact torch search (== faiss IndexFlatIP, ties included), approximate recall, exclusion,
+cache, curriculum, report."""
+import heapq
+
 import numpy as np
 import pytest
 import torch
 
 import saferclip.miner as miner
-from saferclip.miner import (EMBED_FIELDS, MinedTargets, MinerConfig, curriculum_schedule, duplicate_pairs,
-                             embed_quadruplets, mine_for_quadruplets, mine_targets, plot_proximity,
-                             proximity_report, query_matrices, recall_vs_exact, sample_topk)
+from saferclip.miner import (EMBED_FIELDS, MinedTargets, MinerConfig, build_index, chunk_rows, curriculum_schedule,
+                             duplicate_pairs, embed_quadruplets, exact_topk, mine_for_quadruplets, mine_targets,
+                             plot_proximity, proximity_report, query_matrices, recall_vs_exact, sample_topk,
+                             torch_search_settings)
 
 
 def _brute(q, p, k):
@@ -49,6 +53,122 @@ def test_ties_break_to_smaller_index():
     idx, sim = mine_targets(np.array([[1, 0]], np.float32), p, k=3)
     assert idx.tolist() == [[0, 2, 3]]
     np.testing.assert_allclose(sim, 1.0, atol=1e-6)
+
+
+# ---- exact torch search == faiss IndexFlatIP, ties included ----
+
+def _tie_data(nq=300, n_pool=3000, seed=0):
+    """Sign vectors +-1/8 in 64-d (exact similarities, 65 possible values), duplicated pool rows, queries with twins."""
+    r = np.random.default_rng(seed)
+    pool = np.sign(r.standard_normal((n_pool, 64))).astype(np.float32) / 8
+    pool[r.integers(0, n_pool, n_pool // 3)] = pool[r.integers(0, n_pool, n_pool // 3)]
+    q = np.sign(r.standard_normal((nq, 64))).astype(np.float32) / 8
+    q[: nq // 3] = pool[r.integers(0, n_pool, nq // 3)]
+    return q, pool
+
+
+def _faiss_heap_reference(scores, k):
+    """faiss' HeapBlockResultHandler for inner product, literally: a min-heap on (score, index), pool scanned in index
+    order, an item enters only if strictly better than the heap's top, the top (lowest score, then lowest index) leaves."""
+    heap = [(-np.inf, -1)] * k
+    for j, x in enumerate(scores):
+        if x > heap[0][0]:
+            heapq.heapreplace(heap, (x, j))
+    return sorted(j for _, j in heap)
+
+
+def test_heap_mask_is_faiss_heap_rule():
+    r = np.random.default_rng(3)
+    for _ in range(60):
+        n_pool, k = int(r.integers(1, 60)), 0
+        k = int(r.integers(1, n_pool + 1))
+        s = r.integers(0, 4, (5, n_pool)).astype(np.float32)       # few values: ties everywhere
+        m = miner._faiss_heap_mask(torch.from_numpy(s), k).numpy()
+        assert (m.sum(1) == k).all()
+        for row in range(5):
+            assert np.flatnonzero(m[row]).tolist() == _faiss_heap_reference(s[row], k)
+
+
+def test_hand_made_ties_follow_faiss_not_lowest_index():
+    sgn = np.sign(np.random.default_rng(0).standard_normal(64)).astype(np.float32) / 8
+    row = lambda m: np.concatenate([-sgn[:m], sgn[m:]])          # similarity 1 - m/32
+    pool = np.stack([row(m) for m in (2, 2, 2, 2, 0, 2, 2)])      # rows 0-3, 5-6 tie at 0.9375, row 4 is 1
+    for k, want in ((1, [4]), (3, [4, 1, 2]), (7, [4, 0, 1, 2, 3, 5, 6])):
+        f = mine_targets(sgn[None], pool, k=k, exact_backend="faiss")
+        t = mine_targets(sgn[None], pool, k=k)
+        assert f[0][0].tolist() == want and t[0][0].tolist() == want
+        np.testing.assert_array_equal(t[1], f[1])
+    # k = 1 with an excluded better item that comes after the ties: faiss (kk = 2) returns the *second* tied row
+    pool2 = np.stack([row(2), row(2), row(0)])
+    for backend in ("faiss", "torch"):
+        assert mine_targets(sgn[None], pool2, k=1, exclude=[(0, 2)], exact_backend=backend)[0].tolist() == [[1]]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+@pytest.mark.parametrize("nq", [5, 300])   # faiss: < 20 queries -> SIMD loop, >= 20 -> BLAS path
+def test_torch_equals_faiss_exact_with_ties(k, nq):
+    q, p = _tie_data()
+    q = q[:nq]
+    excl = np.stack([np.repeat(np.arange(0, nq, 3), 4), np.random.default_rng(1).integers(0, 3000, 4 * len(range(0, nq, 3)))], 1)
+    for ex in (None, excl):
+        f_i, f_s = mine_targets(q, p, k=k, exclude=ex, exact_backend="faiss")
+        for chunk_mb in (256, 0.5):
+            t_i, t_s = mine_targets(q, p, k=k, exclude=ex, chunk_mb=chunk_mb)
+            np.testing.assert_array_equal(t_i, f_i)
+            np.testing.assert_array_equal(t_s, f_s)
+
+
+def test_tie_data_separates_the_rules():
+    # the equality above means something: "lowest index first" and torch.topk's own choice both disagree with faiss
+    q, p = _tie_data()
+    s = q @ p.T
+    lowest = np.lexsort((np.broadcast_to(np.arange(p.shape[0]), s.shape), -s), axis=-1)[:, :7]
+    f = mine_targets(q, p, k=7, exact_backend="faiss")[0]
+    assert (f != lowest).any(1).mean() > 0.2
+    plain = torch.from_numpy(s).topk(7, dim=1).indices.sort(1).values.numpy()
+    assert (np.sort(f, 1) != plain).any(1).mean() > 0.2
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_torch_equals_faiss_exact_on_random_data(k):
+    g = torch.Generator().manual_seed(5)
+    q, p = torch.randn(400, 768, generator=g), torch.randn(3000, 768, generator=g)
+    f_i, f_s = mine_targets(q, p, k=k, exact_backend="faiss")
+    t_i, t_s = mine_targets(q, p, k=k, chunk_mb=1)
+    np.testing.assert_array_equal(t_i, f_i)
+    np.testing.assert_allclose(t_s, f_s, atol=1e-5)
+
+
+def test_exact_topk_blocks_and_settings():
+    assert chunk_rows(150_000, 256) == 447      # a 150k pool: 447 query rows (256 MiB of similarities) per block
+    assert chunk_rows(10, 1e-9) == 1
+    r = np.random.default_rng(0)
+    q, p = r.integers(-3, 4, (50, 16)).astype(np.float32), r.integers(-3, 4, (200, 16)).astype(np.float32)  # exact sums
+    a = exact_topk(q, p, 4)
+    b = exact_topk(q, p, 4, chunk_mb=4 * 200 * 3 / 2**20)   # 3 rows per block
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="between 1 and the pool size"):
+        exact_topk(q, p, 201)
+    prev = torch.get_num_threads()
+    with torch_search_settings(torch.device("cpu"), threads=1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == prev
+    with pytest.raises(ValueError, match="'torch', 'faiss'"):
+        mine_targets(q, p, exact_backend="numpy")
+
+
+def test_reservoir_threshold_is_the_documented_one():
+    # the tie equality holds while k + exclusions < faiss' reservoir threshold; flag a faiss that moves it
+    import faiss
+    assert faiss.cvar.distance_compute_min_k_reservoir == miner.FAISS_RESERVOIR_K
+
+
+def test_approximate_defaults_are_the_measured_ones():
+    p = miner.l2_normalize(np.random.default_rng(0).standard_normal((300, 8)))
+    ix = build_index(p, exact=False, index="hnsw")
+    assert (ix.hnsw.efConstruction, ix.hnsw.efSearch) == (60, 96)
+    assert ix.hnsw.nb_neighbors(1) == 24          # M links per node on the upper layers (2M on layer 0)
 
 
 def test_bad_inputs():
@@ -151,6 +271,34 @@ def test_miner_config_validation():
         MinerConfig(index="lsh")
     with pytest.raises(ValueError, match="positive integer"):
         MinerConfig(k=0)
+    with pytest.raises(ValueError, match="'torch', 'faiss'"):
+        MinerConfig(exact_backend="numpy")
+    for bad in (dict(hnsw_m=0), dict(hnsw_ef_construction=-1), dict(hnsw_ef_search=2.0), dict(ivf_nlist=0),
+                dict(ivf_nprobe=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MinerConfig(**bad)
+    c = MinerConfig()
+    assert (c.exact_backend, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search, c.ivf_nlist, c.ivf_nprobe) == \
+        ("torch", 24, 60, 96, None, None)
+
+
+def test_miner_config_reaches_the_search(tiny, monkeypatch):
+    model, tok = tiny
+    seen = {}
+    real = miner.mine_targets
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(miner, "mine_targets", spy)
+    cfg = MinerConfig(exact=False, index="ivf", hnsw_m=8, hnsw_ef_construction=20, hnsw_ef_search=30, ivf_nlist=2,
+                      ivf_nprobe=2, exact_backend="faiss")
+    mine_for_quadruplets(model, tok, _quads(), cfg)
+    assert {k: seen[k] for k in ("exact", "index", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe",
+                                 "exact_backend")} == dict(exact=False, index="ivf", hnsw_m=8, ef_construction=20,
+                                                           ef_search=30, nlist=2, nprobe=2, exact_backend="faiss")
+    assert seen["device"].type == "cpu"
 
 
 def test_duplicate_pairs():

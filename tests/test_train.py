@@ -343,3 +343,13 @@ def test_papermill_bad_parameters_fail_in_first_cells(tmp_path, params, msg):
     code = [c for c in out["cells"] if c["cell_type"] == "code"]
     failed = next(i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
     assert failed <= 4, f"failed in code cell {failed}, not in the first cells"
+
+
+def test_miner_settings_reach_the_miner():
+    cfg = T.TrainConfig(pretrained=None, miner_exact=False, miner_exact_backend="faiss", miner_hnsw_m=16,
+                      miner_hnsw_ef_construction=40, miner_hnsw_ef_search=64, seed=3)
+    m = cfg.miner_config()
+    assert (m.exact, m.exact_backend, m.hnsw_m, m.hnsw_ef_construction, m.hnsw_ef_search, m.seed) == \
+        (False, "faiss", 16, 40, 64, 3)
+    with pytest.raises(ValueError, match="hnsw_ef_search"):
+        T.TrainConfig(pretrained=None, miner_hnsw_ef_search=0)
