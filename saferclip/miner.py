@@ -149,18 +149,23 @@ def torch_search_settings(device: torch.device, threads: int | None = None):
 
 def exact_topk(queries: np.ndarray, pool: np.ndarray, k: int, device: str | torch.device | None = None,
                chunk_mb: float = 256, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    "Exact top-`k` inner products of `queries` in `pool` (chunked torch matmul, faiss IndexFlatIP's ties), nearest first."
+    "Exact top-`k` inner products of `queries` in `pool` (blocked matmul + torch top-k, faiss' ties), nearest first."
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n, n_pool = queries.shape[0], pool.shape[0]
     if not 1 <= k <= n_pool:
         raise ValueError(f"k={k} must be between 1 and the pool size ({n_pool})")
     out_i, out_s = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
-    rows = chunk_rows(n_pool, chunk_mb)
+    rows, cpu = chunk_rows(n_pool, chunk_mb), dev.type == "cpu"
+    pool, queries = np.ascontiguousarray(pool, np.float32), np.ascontiguousarray(queries, np.float32)
+    buf = np.empty((min(rows, n), n_pool), np.float32) if cpu else None   # one block, reused
     with torch_search_settings(dev, threads), torch.no_grad():
-        p = torch.from_numpy(np.ascontiguousarray(pool, np.float32)).to(dev)
+        p = None if cpu else torch.from_numpy(pool).to(dev)
         for a in range(0, n, rows):
-            q = torch.from_numpy(np.ascontiguousarray(queries[a:a + rows], np.float32)).to(dev)
-            s = q @ p.T                                           # [rows, n_pool]: the only large buffer
+            qb = queries[a:a + rows]
+            if cpu:                                               # numpy's BLAS into the reused block (see above)
+                s = torch.from_numpy(np.matmul(qb, pool.T, out=buf[:len(qb)]))
+            else:
+                s = torch.from_numpy(qb).to(dev) @ p.T            # [rows, n_pool]: the only large buffer
             v, i = s.topk(min(k + 1, n_pool), dim=1)              # one extra: is the k-th value tied beyond k?
             tied = (v[:, k - 1] == v[:, k]).nonzero()[:, 0] if k < n_pool else i[:0, 0]
             v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
@@ -296,7 +301,7 @@ class MinerConfig:
     index: str = "hnsw"              # "hnsw" | "ivf" (used when exact=False)
     seed: int = 0                    # seeds top-k sampling and IVF k-means
     exclude_duplicates: bool = True  # a safe caption string-identical to the unsafe query (other rows) is excluded
-    exact_backend: str = "torch"     # exact search: "torch" (chunked matmul, CPU/GPU) | "faiss" (IndexFlatIP), same ties
+    exact_backend: str = "torch"     # "torch" (blocked matmul + top-k, CPU/GPU) | "faiss" (IndexFlatIP); same answers
     hnsw_m: int = HNSW_M                             # HNSW links per node
     hnsw_ef_construction: int = HNSW_EF_CONSTRUCTION  # HNSW candidate list at build time
     hnsw_ef_search: int = HNSW_EF_SEARCH              # HNSW candidate list at query time
@@ -309,7 +314,8 @@ class MinerConfig:
         if self.index not in VALID_INDEXES:
             raise ValueError(f"MinerConfig.index={self.index!r} is not valid; choose one of {VALID_INDEXES}")
         if self.exact_backend not in EXACT_BACKENDS:
-            raise ValueError(f"MinerConfig.exact_backend={self.exact_backend!r} is not valid; choose one of {EXACT_BACKENDS}")
+            raise ValueError(f"MinerConfig.exact_backend={self.exact_backend!r} is not valid; "
+                             f"choose one of {EXACT_BACKENDS}")
         _check_int("k", self.k)
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             _check_int(name, getattr(self, name))

@@ -68,8 +68,9 @@ def _tie_data(nq=300, n_pool=3000, seed=0):
 
 
 def _faiss_heap_reference(scores, k):
-    """faiss' HeapBlockResultHandler for inner product, literally: a min-heap on (score, index), pool scanned in index
-    order, an item enters only if strictly better than the heap's top, the top (lowest score, then lowest index) leaves."""
+    """faiss' HeapBlockResultHandler for inner product, literally: a min-heap on (score, index), pool scanned in
+    index order; an item enters only if strictly better than the top, and the top (lowest score, then lowest index)
+    leaves."""
     heap = [(-np.inf, -1)] * k
     for j, x in enumerate(scores):
         if x > heap[0][0]:
@@ -109,7 +110,8 @@ def test_hand_made_ties_follow_faiss_not_lowest_index():
 def test_torch_equals_faiss_exact_with_ties(k, nq):
     q, p = _tie_data()
     q = q[:nq]
-    excl = np.stack([np.repeat(np.arange(0, nq, 3), 4), np.random.default_rng(1).integers(0, 3000, 4 * len(range(0, nq, 3)))], 1)
+    rows = np.repeat(np.arange(0, nq, 3), 4)                      # every third query excludes 4 pool items
+    excl = np.stack([rows, np.random.default_rng(1).integers(0, 3000, len(rows))], 1)
     for ex in (None, excl):
         f_i, f_s = mine_targets(q, p, k=k, exclude=ex, exact_backend="faiss")
         for chunk_mb in (256, 0.5):
