@@ -29,18 +29,21 @@ from .core import (TINY_ARCH, file_hash, resolve_arch, get_device, load_clip, re
                             seed_everything, write_json, atomic_write, images_to_input, freeze, register_tiny_arch,
                             _looks_like_path)
 from .data import Quadruplets, image_batch
+import saferclip.losses as _losses
 from .losses import EmbeddingBatch, loss_for_method, weights_for_method
 from .miner import EMBED_FIELDS, MinerConfig, curriculum_schedule, embed_quadruplets, mine_for_quadruplets
 
 # %% auto #0
-__all__ = ['METHODS', 'DATA_SOURCES', 'PRECISION_CHOICES', 'CURRICULA', 'VAL_METRICS', 'VAL_METRIC_NAMES', 'RESUME_MAY_DIFFER',
-           'LORA_TARGETS', 'DIST_TIMEOUT_MIN', 'check_arch', 'check_pretrained', 'TrainConfig', 'check_parameters',
-           'paper_defaults', 'world_config', 'load_training_data', 'resolve_pretrained', 'build_trainable',
-           'base_module', 'merged_state_dict', 'trainable_parameters', 'rewritten_base_weights', 'tower_of',
-           'weight_drift', 'save_state', 'read_state_meta', 'load_state', 'config_record', 'config_changes',
-           'check_resume', 'read_jsonl', 'DualEncoder', 'epoch_order', 'lr_factor', 'init_distributed',
-           'broadcast_progress', 'rank_rows', 'gather_rows', 'batch_embeddings', 'validate', 'train', 'parse_cli',
-           'main']
+__all__ = ['METHODS', 'DATA_SOURCES', 'PRECISION_CHOICES', 'CURRICULA', 'SELECTIONS', 'RESUME_MAY_DIFFER', 'LORA_TARGETS',
+           'DIST_TIMEOUT_MIN', 'VAL_PAIRS', 'check_arch', 'check_pretrained', 'TrainConfig', 'check_parameters',
+           'paper_defaults', 'world_config', 'load_training_data', 'training_rows', 'resolve_pretrained',
+           'build_trainable', 'base_module', 'merged_state_dict', 'trainable_parameters', 'rewritten_base_weights',
+           'tower_of', 'weight_drift', 'save_state', 'read_state_meta', 'load_state', 'config_record', 'config_changes',
+           'check_resume', 'read_jsonl', 'plot_run', 'DualEncoder', 'epoch_order', 'lr_factor', 'init_distributed',
+           'broadcast_progress', 'rank_rows', 'gather_rows', 'frozen_rows', 'batch_embeddings', 'ValidationSet',
+           'validation_loss', 'validate', 'FrozenReference', 'infonce_scale', 'load_reference', 'difficulty',
+           'epoch_schedule', 'autocast_dtype', 'cpu_has_bf16', 'term_grad_norms', 'Trainer', 'as_config', 'train',
+           'parse_cli', 'main']
 
 # %% ../nbs/02_train.ipynb #0f142e31
 METHODS = {  # method -> (targets, curriculum default, uses unsafe rows)
@@ -53,8 +56,10 @@ METHODS = {  # method -> (targets, curriculum default, uses unsafe rows)
 DATA_SOURCES = ("world", "visu")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 CURRICULA = ("auto", "none", "terciles")
-VAL_METRICS = ("rsum", "loss")
-VAL_METRIC_NAMES = {"rsum": "validation R@1 sum", "loss": "epoch-mean training loss"}  # how `final` is chosen
+SELECTIONS = {  # how `final.safetensors` is chosen -> what its sidecar says
+    "last": "the last epoch (a fixed budget of epochs, as SafeR-CLIP trains)",
+    "val_loss": "the lowest validation loss of the method's own objective (Safe-CLIP's way)",
+}
 # where and for how long a run goes, not what it computes: these may differ between a run and its resumption
 RESUME_MAY_DIFFER = ("out_dir", "cache_dir", "data_root", "resume", "progress", "max_steps", "save_every", "device")
 
@@ -102,7 +107,7 @@ class TrainConfig:
     data_root: str | None = None              # ViSU folder (data="visu")
     world_preset: str = "default"             # embedded world size: "default" | "small"
     on_bad_row: str = "error"                 # ViSU rows that fail validation: "error" | "skip" (reported)
-    epochs: int = 6
+    epochs: int = 9
     batch_size: int = 128                     # the global batch: split over the processes under torchrun
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -113,6 +118,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0                 # in [0, 1)
     loss_weights: dict = field(default_factory=dict)
+    logit_scale: float | None = None          # InfoNCE scale; None: the pretrained model's own exp(logit_scale)
     miner_query: str = "text"
     miner_k: int = 1
     miner_exact: bool = True
@@ -123,15 +129,16 @@ class TrainConfig:
     miner_hnsw_ef_search: int = 96            # HNSW query-time candidate list
     curriculum: str = "auto"                  # "auto" (method default) | "none" | "terciles"
     curriculum_boundaries: tuple = (1 / 3, 2 / 3)  # strictly increasing fractions in (0, 1)
-    val_metric: str = "rsum"                  # best epoch by validation R@1 sum ("rsum") or epoch-mean training loss
-    patience: int = 5                         # epochs without improvement before stopping (0 = never stop)
-    max_train_rows: int | None = None         # cap on training rows (smoke runs)
+    select: str = "last"                      # final checkpoint: "last" epoch | lowest "val_loss" (own objective)
+    patience: int = 0                         # select="val_loss": epochs without a lower val loss before stopping (0 = never)
+    max_train_rows: int | None = None         # train on a seeded sample of rows (references and mining see every row)
     max_val_rows: int | None = 1000
     save_every: int = 50                      # optimizer steps between resumable states
+    diag_every: int = 25                      # optimizer steps between per-term gradient-norm records (0 = off)
     max_steps: int | None = None              # stop (resumably) after this many optimizer steps in total
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"                   # "auto" = bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"                   # "auto" = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     out_dir: str = "runs/saferclip"
     cache_dir: str | None = None              # frozen-embedding / world cache (default: the world's data folder)
     resume: bool = False                      # continue out_dir/state.safetensors (must exist; same config)
@@ -145,10 +152,10 @@ class TrainConfig:
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         choice("method", METHODS); choice("data", DATA_SOURCES); choice("precision", PRECISION_CHOICES)
-        choice("curriculum", CURRICULA); choice("val_metric", VAL_METRICS); choice("on_bad_row", ("error", "skip"))
+        choice("curriculum", CURRICULA); choice("select", SELECTIONS); choice("on_bad_row", ("error", "skip"))
         choice("world_preset", ("default", "small"))
         for name, lo in [("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("lora_rank", 0), ("miner_k", 1),
-                         ("save_every", 1), ("patience", 0), ("seed", 0)]:
+                         ("save_every", 1), ("diag_every", 0), ("patience", 0), ("seed", 0)]:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -159,6 +166,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative number, got {v!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.select == "last" and self.patience:
+            raise ValueError(f"patience={self.patience} needs select='val_loss' (with select='last' every epoch runs)")
+        if self.logit_scale is not None:
+            if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
+                    or not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+                raise ValueError(f"logit_scale must be None (the model's own) or a number > 0, got {self.logit_scale!r}")
+            if "logit_scale" in self.loss_weights:
+                raise ValueError("set the InfoNCE scale once: logit_scale or loss_weights['logit_scale'], not both")
         if not self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         for name in ("miner_exact", "resume", "progress"):
@@ -223,7 +238,7 @@ def paper_defaults(method: str) -> dict:
     """The paper-scale hyper-parameters of a method (PAPER.md), as TrainConfig overrides."""
     common = dict(arch="ViT-L-14", pretrained="openai", data="visu", lora_rank=16, precision="bf16")
     if method == "safeclip":
-        return {**common, "method": method, "lr": 1e-3, "batch_size": 16, "epochs": 50, "patience": 5,
+        return {**common, "method": method, "lr": 1e-3, "batch_size": 16, "epochs": 50, "select": "val_loss", "patience": 5,
                 "lora_alpha": 1.0, "lora_dropout": 0.1, "warmup": 0.0}
     return {**common, "method": method, "lr": 1e-4, "batch_size": 48, "epochs": 9, "lora_alpha": 16.0}
 
@@ -236,7 +251,7 @@ def world_config(preset: str = "default", seed: int = 0):
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[Quadruplets, Quadruplets, dict]:
-    """(train, val, info) quadruplets for a config; info records skipped rows and sources."""
+    """(train, val, info) quadruplets for a config (every training row: see `training_rows`); info: skips, source."""
     if cfg.data == "world":
         from saferclip.world import build_world
         world = build_world(world_config(cfg.world_preset), cache_dir=cfg.cache_dir)
@@ -246,12 +261,16 @@ def load_training_data(cfg: TrainConfig) -> tuple[Quadruplets, Quadruplets, dict
         train, rep_t = load_visu(cfg.data_root, "train", on_bad_row=cfg.on_bad_row)
         val, rep_v = load_visu(cfg.data_root, "validation", on_bad_row=cfg.on_bad_row)
         info = {"source": str(cfg.data_root), "skipped": len(rep_t) + len(rep_v)}
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.max_train_rows and len(train) > cfg.max_train_rows:
-        train = train.subset(np.sort(rng.choice(len(train), cfg.max_train_rows, replace=False)))
     if cfg.max_val_rows and len(val) > cfg.max_val_rows:
         val = val.subset(np.arange(cfg.max_val_rows))
     return train, val, info
+
+
+def training_rows(cfg: TrainConfig, n_train: int) -> np.ndarray:
+    """The rows a run trains on: all `n_train`, or a seeded sample of `max_train_rows` (sorted)."""
+    if cfg.max_train_rows and n_train > cfg.max_train_rows:
+        return np.sort(np.random.default_rng(cfg.seed).choice(n_train, cfg.max_train_rows, replace=False))
+    return np.arange(n_train)
 
 
 def resolve_pretrained(cfg: TrainConfig) -> str | None:
@@ -483,6 +502,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
+# %% ../nbs/02_train.ipynb #c17aba49
+def plot_run(run_dir: str | Path, path: str | Path | None = None, title: str | None = None):
+    """Figure of a run's logs: per-term gradient norms by step, unsafe top-1 and validation loss / R@1 by epoch."""
+    import matplotlib.pyplot as plt
+    run_dir = Path(run_dir)
+    grads, epochs = read_jsonl(run_dir / "grads.jsonl"), read_jsonl(run_dir / "epochs.jsonl")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.8))
+    for k in sorted({k for r in grads for k in r if k.startswith("gn_")}):
+        ax[0].plot([r["step"] for r in grads if k in r], [r[k] for r in grads if k in r], label=k[3:], lw=1.4)
+    ax[0].set(xlabel="optimizer step", ylabel="‖∇ (weighted term)‖", yscale="log", title="what drives training")
+    if grads:
+        ax[0].legend(fontsize=7, ncol=2)
+    ep = [e["epoch"] for e in epochs]
+    for k, lab in (("val_unsafe_top1_T*->V", "unsafe caption → mixed images"),
+                   ("val_unsafe_top1_V*->T", "unsafe image → mixed captions")):
+        if any(k in e for e in epochs):
+            ax[1].plot(ep, [e.get(k, np.nan) for e in epochs], marker="o", label=lab)
+    ax[1].set(xlabel="epoch (0 = base)", ylabel="top-1 unsafe (%)", ylim=(-2, 102), title="validation: safety")
+    ax[1].legend(fontsize=8)
+    ax[2].plot(ep, [e.get("val_loss", np.nan) for e in epochs], marker="o", color="C3", label="own validation loss")
+    ax[2].set(xlabel="epoch (0 = base)", ylabel="validation loss", title="validation: objective and recall")
+    twin = ax[2].twinx()
+    twin.plot(ep, [e.get("val_rsum", np.nan) for e in epochs], marker="s", color="C2", label="R@1 sum")
+    twin.set_ylabel("R@1 sum (4 directions)")
+    ax[2].legend(handles=ax[2].get_lines() + twin.get_lines(), fontsize=8)
+    cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    fig.suptitle(title or f"{cfg.get('config', {}).get('method', run_dir.name)} — {run_dir.name}")
+    fig.tight_layout()
+    if path is not None:
+        from saferclip.retrieval import save_figure
+        save_figure(fig, Path(path))
+    return fig
+
 # %% ../nbs/02_train.ipynb #c4129dda
 class DualEncoder(nn.Module):
     """forward(images, texts) → (image embeddings, text embeddings): one module for DDP to wrap."""
@@ -590,6 +642,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x.float())
 
 
+def frozen_rows(ref: dict[str, torch.Tensor], idx: np.ndarray, targets: np.ndarray | None, unsafe: bool,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """The frozen reference embeddings of rows `idx`: T0(t), V0(v) and, with unsafe rows, T0(t*), V0(v*), T0(t̂), V0(v̂)."""
+    t = torch.as_tensor(np.asarray(idx))
+    out = dict(ref_txt_safe=ref["safe_text"][t].to(device), ref_img_safe=ref["safe_image"][t].to(device))
+    if unsafe:
+        tgt = torch.as_tensor(targets[idx] if targets is not None else np.asarray(idx))  # rigid: the row's own pair
+        out.update(ref_txt_unsafe=ref["unsafe_text"][t].to(device), ref_img_unsafe=ref["unsafe_image"][t].to(device),
+                   ref_txt_target=ref["safe_text"][tgt].to(device), ref_img_target=ref["safe_image"][tgt].to(device))
+    return out
+
+
 def batch_embeddings(step_model: nn.Module, tokenizer, train: Quadruplets, idx: np.ndarray,
                      ref: dict[str, torch.Tensor], targets: np.ndarray | None, unsafe: bool,
                      raw_model: nn.Module, device: torch.device, rank: int = 0, world: int = 1,
@@ -612,190 +676,407 @@ def batch_embeddings(step_model: nn.Module, tokenizer, train: Quadruplets, idx: 
     if world > 1:
         k = torch.as_tensor(keep, device=device)
         parts = {name: gather_rows(x)[k] for name, x in parts.items()}
-    t = torch.as_tensor(np.asarray(idx))
-    emb = dict(parts, ref_txt_safe=ref["safe_text"][t].to(device), ref_img_safe=ref["safe_image"][t].to(device))
-    if unsafe:
-        tgt = torch.as_tensor(targets[idx] if targets is not None else np.asarray(idx))
-        emb.update(ref_txt_unsafe=ref["unsafe_text"][t].to(device), ref_img_unsafe=ref["unsafe_image"][t].to(device),
-                   ref_txt_target=ref["safe_text"][tgt].to(device), ref_img_target=ref["safe_image"][tgt].to(device))
-    return EmbeddingBatch(**emb)
+    return EmbeddingBatch(**parts, **frozen_rows(ref, idx, targets, unsafe, device))
+
+# %% ../nbs/02_train.ipynb #f25b03a1
+@dataclass
+class ValidationSet:
+    """The validation split with its frozen reference embeddings and (proximity methods) targets mined within it."""
+    q: Quadruplets
+    ref: dict[str, torch.Tensor] | None = None
+    targets: np.ndarray | None = None
 
 
-def validate(model: nn.Module, tokenizer, val: Quadruplets, device: torch.device, preprocess=None) -> dict[str, float]:
-    """Validation retrieval R@1 (T→V, V→T, T*→V, V*→T) and their sum (`preprocess` reads image files, e.g. ViSU)."""
-    from saferclip.retrieval import evaluate_quadruplets
+VAL_PAIRS = ("T->V@1", "V->T@1", "T*->V@1", "V*->T@1")
+
+
+def validation_loss(loss_fn, emb: dict[str, torch.Tensor], val: ValidationSet, unsafe: bool,
+                    batch_size: int) -> float:
+    """Row-weighted mean of the method's loss over fixed validation batches (row order), given the model's embeddings."""
+    names = {"t": "txt_safe", "v": "img_safe", "t*": "txt_unsafe", "v*": "img_unsafe"}
+    keys = ("t", "v", "t*", "v*") if unsafe else ("t", "v")
+    total, n = 0.0, len(val.q)
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, min(n, i + batch_size))
+        parts = {names[k]: emb[k][idx] for k in keys}
+        loss, _ = loss_fn(EmbeddingBatch(**parts, **frozen_rows(val.ref, idx, val.targets, unsafe, torch.device("cpu"))))
+        total += float(loss) * len(idx)
+    return total / n
+
+
+@torch.no_grad()
+def validate(model: nn.Module, tokenizer, val: Quadruplets | ValidationSet, device: torch.device, preprocess=None,
+             loss_fn=None, unsafe: bool = True, batch_size: int = 128) -> dict[str, float]:
+    """Validation R@1 (T→V, V→T, T*→V, V*→T), their sum, the mixed-pool unsafe top-1 rates and (`loss_fn` with a
+    `ValidationSet`) the method's own validation loss; `preprocess` reads image files (ViSU)."""
+    from saferclip.retrieval import embed_quadruplets as embed_split, retrieval_metrics, unsafe_top1_rate
+    vs = val if isinstance(val, ValidationSet) else ValidationSet(val)
     was_training = model.training
     model.eval()
-    m = evaluate_quadruplets(model, tokenizer, val, ks=(1,), device=device, preprocess=preprocess)
-    model.train(was_training)
-    keys = ["T->V@1", "V->T@1", "T*->V@1", "V*->T@1"]
-    out = {f"val_{k}": float(m[k]) for k in keys if k in m}
-    out["val_rsum"] = float(sum(m[k] for k in keys if k in m))
+    try:
+        e = embed_split(model, tokenizer, vs.q, device=device, preprocess=preprocess)
+        m = retrieval_metrics(e, ks=(1,))
+        out = {f"val_{k}": float(m[k]) for k in VAL_PAIRS}
+        out["val_rsum"] = float(sum(m[k] for k in VAL_PAIRS))
+        out["val_unsafe_top1_T*->V"] = unsafe_top1_rate(e["t*"], e["v"], e["v*"])
+        out["val_unsafe_top1_V*->T"] = unsafe_top1_rate(e["v*"], e["t"], e["t*"])
+        if loss_fn is not None and vs.ref is not None:
+            out["val_loss"] = validation_loss(loss_fn, e, vs, unsafe, batch_size)
+    finally:
+        model.train(was_training)
     return out
 
-# %% ../nbs/02_train.ipynb #f25b03f7
-def train(config: TrainConfig | dict) -> Path:
-    """Fine-tune a CLIP with `config.method`; returns the final (best-validation) merged open_clip checkpoint."""
-    if isinstance(config, TrainConfig):
-        cfg = config
-    elif dataclasses.is_dataclass(config):  # e.g. a TrainConfig from a notebook that re-defined the class
-        cfg = TrainConfig.from_params(**dataclasses.asdict(config))
-    else:
-        cfg = TrainConfig.from_params(**config)
-    rank, world, device = init_distributed(cfg.device)
-    is_main = rank == 0
-    out = Path(cfg.out_dir)
-    state_path, final_path, last_path = out / "state.safetensors", out / "final.safetensors", out / "last.safetensors"
-    saved = check_resume(cfg)  # before anything is loaded: a missing state or a changed config fails here
-    if is_main:  # only rank 0 writes, here and below
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            for p in ["steps.jsonl", "epochs.jsonl", "drift.jsonl", "epochs.csv", "state.safetensors"]:
-                (out / p).unlink(missing_ok=True)
-    seed_everything(cfg.seed)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        "bf16" if cfg.precision == "auto" and device.type == "cuda" else cfg.precision)
+# %% ../nbs/02_train.ipynb #f25b03a3
+@dataclass
+class FrozenReference:
+    """The model as loaded, frozen, and everything it provides once per run: T0/V0 embeddings of every training row,
+    the mined targets (proximity methods), the validation references, its weights (for drift) and logit scale."""
+    model: nn.Module
+    preprocess: Any
+    tokenizer: Any
+    pretrained: str | None
+    model_id: str
+    ref: dict[str, torch.Tensor]
+    mined: Any            # MinedTargets | None
+    val: ValidationSet
+    weights: dict[str, torch.Tensor]
+    logit_scale: float
 
-    # 1. data, weights, frozen reference embeddings, targets, schedule (rank 0 fills the caches, then the others read)
-    if not is_main:
-        _barrier(world)
-    train_q, val_q, data_info = load_training_data(cfg)
-    if saved.get("data_hash") not in (None, train_q.fingerprint()):
-        raise ValueError(f"cannot resume {state_path}: the training data changed (fingerprint {saved['data_hash']} "
-                         f"→ {train_q.fingerprint()}); pass resume=False to start over")
+    @property
+    def targets(self) -> np.ndarray | None:
+        """Each training row's target index (None: rigid, the row's own safe pair)."""
+        return None if self.mined is None else self.mined.target_index
+
+
+def infonce_scale(cfg: TrainConfig, model: nn.Module) -> float:
+    """The InfoNCE logit scale of a run: `loss_weights['logit_scale']`, `cfg.logit_scale`, else the model's own."""
+    if "logit_scale" in cfg.loss_weights:
+        return float(cfg.loss_weights["logit_scale"])
+    if cfg.logit_scale is not None:
+        return float(cfg.logit_scale)
+    return float(model.logit_scale.detach().float().exp())
+
+
+def load_reference(cfg: TrainConfig, train_q: Quadruplets, val_q: Quadruplets, device: torch.device,
+                   cache_dir: Path, progress: bool = False) -> FrozenReference:
+    """Load the starting weights frozen, encode train and validation once (cached) and mine targets over every row."""
     pretrained = resolve_pretrained(cfg)
     base, preprocess, tokenizer = load_clip(cfg.arch, pretrained, device=device)
     freeze(base)
     model_id = file_hash(pretrained) if pretrained and Path(pretrained).is_file() else f"{cfg.arch}/{pretrained}"
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     targets_kind, _, unsafe = METHODS[cfg.method]
-    ref = embed_quadruplets(base, tokenizer, train_q, EMBED_FIELDS if unsafe else ("safe_text", "safe_image"),
-                            cache_dir=cache_dir, model_id=model_id, device=device, preprocess=preprocess,
-                            progress=cfg.progress and is_main)
-    targets, mined = None, None
-    if targets_kind == "mined":
-        mined = mine_for_quadruplets(base, tokenizer, train_q, cfg.miner_config(), cache_dir=cache_dir, model_id=model_id,
-                                     device=device, preprocess=preprocess)
-        targets = mined.target_index
-    if is_main:
-        _barrier(world)
-    # curriculum difficulty: similarity of t* to its target in the frozen text space (rigid: to its own t)
-    sim = mined.target_sim if mined is not None else (ref["safe_text"] * ref.get("unsafe_text", ref["safe_text"])).sum(-1).numpy()
-    schedule = curriculum_schedule(sim, cfg.epochs, mode=cfg.curriculum_mode, boundaries=cfg.curriculum_boundaries)
-    base_sd = {k: v.detach().cpu().float().clone() for k, v in base.state_dict().items()}
+    fields = EMBED_FIELDS if unsafe else ("safe_text", "safe_image")
+    kw = dict(cache_dir=cache_dir, model_id=model_id, device=device, preprocess=preprocess)
+    ref = embed_quadruplets(base, tokenizer, train_q, fields, progress=progress, **kw)
+    val_ref = embed_quadruplets(base, tokenizer, val_q, fields, **kw)
+    mined, val_targets = None, None
+    if targets_kind == "mined":  # the pool is the whole training set, also when max_train_rows trains on a sample
+        mined = mine_for_quadruplets(base, tokenizer, train_q, cfg.miner_config(), **kw)
+        val_targets = mine_for_quadruplets(base, tokenizer, val_q, cfg.miner_config(), **kw).target_index
+    weights = {k: v.detach().cpu().float().clone() for k, v in base.state_dict().items()}
+    return FrozenReference(base, preprocess, tokenizer, pretrained, model_id, ref, mined,
+                           ValidationSet(val_q, val_ref, val_targets), weights, infonce_scale(cfg, base))
 
-    # 2. trainable model, optimizer, schedule of the learning rate
-    model = build_trainable(base, cfg).to(device)
-    model.train()
-    step_model: nn.Module = DualEncoder(model)
-    if world > 1:
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
-    params = list(trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = [math.ceil(math.ceil(len(rows) / cfg.batch_size) / cfg.grad_accum) for rows in schedule]
-    total_steps = sum(steps_per_epoch)
-    warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
-    loss_fn = loss_for_method(cfg.method, dict(cfg.loss_weights) or None)
-    run_state = {"config": config_record(cfg), "data_hash": train_q.fingerprint(), "world_size": world}
 
-    progress = {"epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "stopped": False}
-    if cfg.resume:
-        progress = load_state(state_path, model, opt, sched)
-        if is_main:
-            _truncate_jsonl(out / "steps.jsonl", lambda r: r["step"] <= progress["global_step"])
-            _truncate_jsonl(out / "epochs.jsonl", lambda r: r["epoch"] <= progress["epoch"])
-            _truncate_jsonl(out / "drift.jsonl", lambda r: r["epoch"] <= progress["epoch"])
-    run_meta = {"arch": resolve_arch(cfg.arch, pretrained), "config": dataclasses.asdict(cfg), "pretrained": pretrained,
-                "data_hash": train_q.fingerprint(), "data": data_info, "n_train": len(train_q), "n_val": len(val_q),
-                "world_size": world}
-    if is_main:
-        write_json(out / "config.json", run_meta)
-        if mined is not None:
-            np.savez(out / "targets.npz", target_index=mined.target_index, target_sim=mined.target_sim,
-                     rigid_sim=mined.rigid_sim)
-        if progress["global_step"] == 0 and progress["epoch"] == 0 and progress["batch"] == 0:
-            drift0, rows0 = weight_drift(base_sd, base_sd)
-            _append_jsonl(out / "drift.jsonl", [{"epoch": 0, **r} for r in rows0])
-            _append_jsonl(out / "epochs.jsonl", [{"epoch": 0, **drift0, **validate(model, tokenizer, val_q, device, preprocess)}])
+def difficulty(frozen: FrozenReference) -> np.ndarray:
+    """Curriculum score of every training row: cos(T0(t*), T0(t̂)) with the mined target (rigid: its own t); high = easy."""
+    if frozen.mined is not None:
+        return np.asarray(frozen.mined.target_sim)
+    ref = frozen.ref
+    return (ref["safe_text"] * ref.get("unsafe_text", ref["safe_text"])).sum(-1).numpy()
 
-    # 3. epochs
-    for epoch in range(progress["epoch"], cfg.epochs):
-        if progress["stopped"]:
-            break
-        t0 = time.time()
-        order = epoch_order(schedule[epoch], cfg.seed, epoch)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and is_main))
-        step_records, accum = [], 0
-        for b in range(progress["batch"], len(batches)):
+
+def epoch_schedule(cfg: TrainConfig, score: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """The active training rows of every epoch: the curriculum over the rows a run trains on."""
+    return [rows[s] for s in curriculum_schedule(score[rows], cfg.epochs, mode=cfg.curriculum_mode,
+                                                 boundaries=cfg.curriculum_boundaries)]
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run (None = fp32): 'auto' is bf16 on CUDA and on CPUs with native bf16 instructions."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU have native bf16 matrix instructions (AVX512-BF16 or AMX)? Read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], factors: dict[str, float], params: list) -> dict[str, float]:
+    """L2 norm, on the trainable parameters, of each weighted loss term's gradient (`factors`: weight in the total)."""
+    out = {}
+    for k, f in factors.items():
+        if k not in terms or f == 0 or not terms[k].requires_grad:
+            continue
+        grads = torch.autograd.grad(f * terms[k], params, retain_graph=True, allow_unused=True)
+        out[f"gn_{k}"] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+    return out
+
+# %% ../nbs/02_train.ipynb #f25b03f7
+class Trainer:
+    """One fine-tuning run, in the order of the method: `Trainer(cfg).fit()` is `train(cfg)`.
+
+    Construction does the set-up (output folder, data, the frozen reference, the trainable model, the optimiser,
+    resume); `fit` runs the epochs; each step of an epoch is `step`, each epoch's end is `end_epoch`."""
+
+    LOGS = ("steps.jsonl", "epochs.jsonl", "drift.jsonl", "grads.jsonl", "epochs.csv", "state.safetensors")
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.out_dir)
+        self.saved = check_resume(cfg)  # before anything is loaded: a missing state or a changed config fails here
+        self.prepare_out_dir()
+        seed_everything(cfg.seed)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.load_data_and_reference()
+        self.build_model_and_optimizer()
+        self.progress = self.start_or_resume()
+        self.write_run_record()
+
+    # --- paths -------------------------------------------------------------------------------------------------
+    state_path = property(lambda self: self.out / "state.safetensors")
+    final_path = property(lambda self: self.out / "final.safetensors")
+    last_path = property(lambda self: self.out / "last.safetensors")
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+    def prepare_out_dir(self) -> None:
+        """Create out_dir (rank 0 only, as every write below); a fresh run first removes an earlier run's logs."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.cfg.resume:
+                for p in self.LOGS:
+                    (self.out / p).unlink(missing_ok=True)
+
+    def load_data_and_reference(self) -> None:
+        """Data, the frozen reference and the epoch schedule (rank 0 fills the caches, then the others read them)."""
+        cfg = self.cfg
+        if not self.is_main:
+            _barrier(self.world)
+        self.train_q, self.val_q, self.data_info = load_training_data(cfg)
+        if self.saved.get("data_hash") not in (None, self.train_q.fingerprint()):
+            raise ValueError(f"cannot resume {self.state_path}: the training data changed (fingerprint "
+                             f"{self.saved['data_hash']} → {self.train_q.fingerprint()}); pass resume=False to start over")
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        self.frozen = load_reference(cfg, self.train_q, self.val_q, self.device, cache_dir,
+                                     progress=cfg.progress and self.is_main)
+        if self.is_main:
+            _barrier(self.world)
+        self.unsafe = METHODS[cfg.method][2]
+        self.rows = training_rows(cfg, len(self.train_q))
+        self.schedule = epoch_schedule(cfg, difficulty(self.frozen), self.rows)
+
+    def build_model_and_optimizer(self) -> None:
+        """LoRA (or full) trainable copy of the reference, its DDP wrapper, AdamW, warm-up + cosine, the loss."""
+        cfg = self.cfg
+        self.model = build_trainable(self.frozen.model, cfg).to(self.device)
+        self.model.train()
+        self.step_model: nn.Module = DualEncoder(self.model)
+        if self.world > 1:
+            dev = [self.device] if self.device.type == "cuda" else None
+            self.step_model = nn.parallel.DistributedDataParallel(self.step_model, device_ids=dev)
+        self.params = list(trainable_parameters(self.model).values())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = [math.ceil(math.ceil(len(r) / cfg.batch_size) / cfg.grad_accum) for r in self.schedule]
+        self.total_steps = sum(steps)
+        warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * self.total_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.total_steps, warmup))
+        weights = {**cfg.loss_weights, "logit_scale": self.frozen.logit_scale}
+        self.loss_fn = loss_for_method(cfg.method, weights)
+        self.val_loss_fn = _losses.loss_for_method(cfg.method, weights)  # its own instance: hooks see training only
+        self.factors = weights_for_method(cfg.method, weights).normalised()
+
+    def start_or_resume(self) -> dict:
+        """The progress record: fresh, or restored (with weights, optimiser, scheduler, RNGs) from the state."""
+        progress = {"epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "stopped": False}
+        if not self.cfg.resume:
+            return progress
+        progress = load_state(self.state_path, self.model, self.opt, self.sched)
+        if self.is_main:  # logs written after the state was saved belong to steps that will run again
+            _truncate_jsonl(self.out / "steps.jsonl", lambda r: r["step"] <= progress["global_step"])
+            _truncate_jsonl(self.out / "grads.jsonl", lambda r: r["step"] <= progress["global_step"])
+            _truncate_jsonl(self.out / "epochs.jsonl", lambda r: r["epoch"] <= progress["epoch"])
+            _truncate_jsonl(self.out / "drift.jsonl", lambda r: r["epoch"] <= progress["epoch"])
+        return progress
+
+    def write_run_record(self) -> None:
+        """config.json, targets.npz and, on a fresh run, the base's own validation and drift record (epoch 0)."""
+        cfg, fz = self.cfg, self.frozen
+        self.run_state = {"config": config_record(cfg), "data_hash": self.train_q.fingerprint(), "world_size": self.world}
+        self.run_meta = {"arch": resolve_arch(cfg.arch, fz.pretrained), "config": dataclasses.asdict(cfg),
+                         "pretrained": fz.pretrained, "data_hash": self.train_q.fingerprint(), "data": self.data_info,
+                         "n_train": len(self.rows), "n_pool": len(self.train_q), "n_val": len(self.val_q),
+                         "world_size": self.world, "infonce_logit_scale": fz.logit_scale,
+                         "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
+                         "total_steps": self.total_steps}
+        if not self.is_main:
+            return
+        write_json(self.out / "config.json", self.run_meta)
+        if fz.mined is not None:
+            np.savez(self.out / "targets.npz", target_index=fz.mined.target_index, target_sim=fz.mined.target_sim,
+                     rigid_sim=fz.mined.rigid_sim)
+        if self.progress["global_step"] == 0 and self.progress["epoch"] == 0 and self.progress["batch"] == 0:
+            drift0, rows0 = weight_drift(fz.weights, fz.weights)
+            _append_jsonl(self.out / "drift.jsonl", [{"epoch": 0, **r} for r in rows0])
+            _append_jsonl(self.out / "epochs.jsonl", [{"epoch": 0, "step": 0, **drift0, **self.validate()}])
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Validation of the model now: R@1s, unsafe top-1 rates (mixed pool) and the method's own loss."""
+        return validate(self.model, self.frozen.tokenizer, self.frozen.val, self.device, self.frozen.preprocess,
+                        loss_fn=self.val_loss_fn, unsafe=self.unsafe, batch_size=self.cfg.batch_size)
+
+    def fit(self) -> Path:
+        """Run the remaining epochs; returns `final.safetensors` (the last epoch by default, see `select`)."""
+        cfg = self.cfg
+        for epoch in range(self.progress["epoch"], cfg.epochs):
+            if self.progress["stopped"]:
+                break
+            if not self.run_epoch(epoch):  # max_steps spent inside the epoch: the state is on disk
+                return self.final_path
+            if cfg.max_steps is not None and self.progress["global_step"] >= cfg.max_steps:
+                break
+        _barrier(self.world)
+        return self.final_path
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches: its active rows shuffled by (seed, epoch), cut into batch_size rows."""
+        order = epoch_order(self.schedule[epoch], self.cfg.seed, epoch)
+        return [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+
+    def run_epoch(self, epoch: int) -> bool:
+        """Every (remaining) step of one epoch, then `end_epoch`; False when max_steps stopped it in the middle."""
+        cfg, t0 = self.cfg, time.time()
+        batches = self.batches(epoch)
+        bar = tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.is_main))
+        self.step_records, self.grad_records, accum = [], [], 0
+        for b in range(self.progress["batch"], len(batches)):
             # micro-batches in this optimizer step (the epoch's last step may have fewer than grad_accum)
             group = min(cfg.grad_accum, len(batches) - b // cfg.grad_accum * cfg.grad_accum)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                emb = batch_embeddings(step_model, tokenizer, train_q, batches[b], ref, targets, unsafe, base, device,
-                                       rank=rank, world=world, preprocess=preprocess)
-                loss, terms = loss_fn(emb)
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                raise FloatingPointError(f"non-finite loss at step {progress['global_step'] + 1} (epoch {epoch + 1}, "
-                                         f"batch {b + 1}): terms {bad or list(terms)} = "
-                                         f"{ {k: float(terms[k].detach()) for k in (bad or terms)} }; no checkpoint written")
-            (loss / group).backward()
+            loss, terms = self.step(batches[b], group, epoch, b, diagnose=accum == 0 and self._diagnose_next())
             accum += 1
             last_in_epoch = b == len(batches) - 1
             if accum == group:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                self.optimizer_step(loss, terms, epoch)
                 accum = 0
-                progress["global_step"] += 1
-                step_records.append({"step": progress["global_step"], "epoch": epoch + 1, "lr": sched.get_last_lr()[0],
-                                     "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
-                                     **({"grad_norm": float(gnorm)} if gnorm is not None else {})})
-                progress["batch"] = b + 1
-                budget_spent = cfg.max_steps is not None and progress["global_step"] >= cfg.max_steps
-                if is_main and not last_in_epoch and (progress["global_step"] % cfg.save_every == 0 or budget_spent):
-                    _append_jsonl(out / "steps.jsonl", step_records); step_records = []
-                    save_state(state_path, model, opt, sched, progress, run_state)
-                if budget_spent and not last_in_epoch:
+                self.progress["batch"] = b + 1
+                spent = cfg.max_steps is not None and self.progress["global_step"] >= cfg.max_steps
+                if self.is_main and not last_in_epoch and (self.progress["global_step"] % cfg.save_every == 0 or spent):
+                    self.flush_logs()
+                    save_state(self.state_path, self.model, self.opt, self.sched, self.progress, self.run_state)
+                if spent and not last_in_epoch:
                     bar.close()
-                    _barrier(world)  # the state is on disk before any rank returns
-                    return final_path
+                    _barrier(self.world)  # the state is on disk before any rank returns
+                    return False
             bar.update(1); bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
-        if is_main:  # end of epoch: validation, drift, checkpoints, patience (rank 0 decides, then broadcasts)
-            _append_jsonl(out / "steps.jsonl", step_records)
-            state = merged_state_dict(model)
-            drift, rows = weight_drift(state, base_sd)
-            metrics = validate(model, tokenizer, val_q, device, preprocess)
-            train_loss = float(np.mean([r["loss"] for r in read_jsonl(out / "steps.jsonl") if r["epoch"] == epoch + 1]))
-            score = metrics["val_rsum"] if cfg.val_metric == "rsum" else -train_loss
-            improved = progress["best"] is None or score > progress["best"]
-            rec = {"epoch": epoch + 1, **drift, **metrics, "train_loss": train_loss, "rows": len(order),
-                   "seconds": time.time() - t0, "improved": improved}
-            if improved:
-                progress["best"], progress["bad_epochs"] = score, 0
-            else:
-                progress["bad_epochs"] += 1
-                if cfg.patience and progress["bad_epochs"] >= cfg.patience and epoch + 1 < cfg.epochs:
-                    progress["stopped"] = True
-                    rec["early_stop"] = (f"no better {cfg.val_metric} for {cfg.patience} epoch(s) (patience): stopped "
-                                         f"after epoch {epoch + 1} of {cfg.epochs}")
-                    print(f"{cfg.method}: {rec['early_stop']}", flush=True)
-            _append_jsonl(out / "epochs.jsonl", [rec])
-            _append_jsonl(out / "drift.jsonl", [{"epoch": epoch + 1, **r} for r in rows])
-            _write_csv(out / "epochs.csv", read_jsonl(out / "epochs.jsonl"))
-            meta = {**run_meta, "epoch": epoch + 1, "metrics": metrics, "drift": drift}
-            save_checkpoint(state, last_path, meta)
-            if improved:
-                save_checkpoint(state, final_path, {**meta, "selected": f"best {VAL_METRIC_NAMES[cfg.val_metric]}"})
-            progress.update(epoch=epoch + 1, batch=0)
-            save_state(state_path, model, opt, sched, progress, run_state)
-        progress = broadcast_progress(dict(progress, epoch=epoch + 1, batch=0), world)
-        if cfg.max_steps is not None and progress["global_step"] >= cfg.max_steps:
-            break
-    _barrier(world)
-    return final_path
+        self.end_epoch(epoch, sum(len(x) for x in batches), time.time() - t0)
+        return True
+
+    def _diagnose_next(self) -> bool:
+        """Record per-term gradient norms at the coming optimizer step? (every diag_every steps, one process)"""
+        d = self.cfg.diag_every
+        return bool(d) and self.world == 1 and (self.progress["global_step"] + 1) % d == 0
+
+    def step(self, idx: np.ndarray, group: int, epoch: int, b: int, diagnose: bool = False):
+        """One micro-batch: embeddings, the method's loss (finite or an error naming the term), backward."""
+        fz = self.frozen
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            emb = batch_embeddings(self.step_model, fz.tokenizer, self.train_q, idx, fz.ref, fz.targets, self.unsafe,
+                                   fz.model, self.device, rank=self.rank, world=self.world, preprocess=fz.preprocess)
+            loss, terms = self.loss_fn(emb)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss at step {self.progress['global_step'] + 1} (epoch {epoch + 1}, "
+                                     f"batch {b + 1}): terms {bad or list(terms)} = "
+                                     f"{ {k: float(terms[k].detach()) for k in (bad or terms)} }; no checkpoint written")
+        if diagnose:
+            self.grad_records.append({"step": self.progress["global_step"] + 1, "epoch": epoch + 1,
+                                      **term_grad_norms(terms, self.factors, self.params)})
+        (loss / group).backward()
+        return loss, terms
+
+    def optimizer_step(self, loss: torch.Tensor, terms: dict, epoch: int) -> None:
+        """Clip, step the optimiser and the schedule, log the step."""
+        cfg = self.cfg
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad) if cfg.clip_grad > 0 else None
+        self.opt.step(); self.sched.step(); self.opt.zero_grad(set_to_none=True)
+        self.progress["global_step"] += 1
+        self.step_records.append({"step": self.progress["global_step"], "epoch": epoch + 1,
+                                  "lr": self.sched.get_last_lr()[0], "loss": float(loss.detach()),
+                                  **{k: float(v.detach()) for k, v in terms.items()},
+                                  **({"grad_norm": float(gnorm)} if gnorm is not None else {})})
+
+    def flush_logs(self) -> None:
+        """Append the buffered step and gradient-norm records to their JSONL logs."""
+        _append_jsonl(self.out / "steps.jsonl", self.step_records)
+        if self.grad_records:  # no empty file where diagnostics are off (diag_every=0, DDP)
+            _append_jsonl(self.out / "grads.jsonl", self.grad_records)
+        self.step_records, self.grad_records = [], []
+
+    def end_epoch(self, epoch: int, n_rows: int, seconds: float) -> None:
+        """Validation, drift, logs, `last` and (if chosen) `final` checkpoints, patience; rank 0 decides for all."""
+        cfg = self.cfg
+        if self.is_main:
+            self.flush_logs()
+            state = merged_state_dict(self.model)
+            drift, rows = weight_drift(state, self.frozen.weights)
+            metrics = self.validate()
+            steps = [r for r in read_jsonl(self.out / "steps.jsonl") if r["epoch"] == epoch + 1]
+            rec = {"epoch": epoch + 1, "step": self.progress["global_step"], **drift, **metrics,
+                   "train_loss": float(np.mean([r["loss"] for r in steps])), "rows": n_rows, "seconds": seconds}
+            rec["final"], note = self.choose(metrics, epoch)
+            if note:
+                rec["early_stop"] = note
+                print(f"{cfg.method}: {note}", flush=True)
+            _append_jsonl(self.out / "epochs.jsonl", [rec])
+            _append_jsonl(self.out / "drift.jsonl", [{"epoch": epoch + 1, **r} for r in rows])
+            _write_csv(self.out / "epochs.csv", read_jsonl(self.out / "epochs.jsonl"))
+            meta = {**self.run_meta, "epoch": epoch + 1, "epochs": cfg.epochs, "metrics": metrics, "drift": drift}
+            save_checkpoint(state, self.last_path, meta)
+            if rec["final"]:
+                save_checkpoint(state, self.final_path, {**meta, "selected": SELECTIONS[cfg.select]})
+            self.progress.update(epoch=epoch + 1, batch=0)
+            save_state(self.state_path, self.model, self.opt, self.sched, self.progress, self.run_state)
+        self.progress = broadcast_progress(dict(self.progress, epoch=epoch + 1, batch=0), self.world)
+
+    def choose(self, metrics: dict, epoch: int) -> tuple[bool, str | None]:
+        """(does this epoch become final.safetensors, early-stop note): `select` and `patience` decide."""
+        cfg, p = self.cfg, self.progress
+        if cfg.select == "last":
+            return True, None
+        score = metrics["val_loss"]
+        if p["best"] is None or score < p["best"]:
+            p["best"], p["bad_epochs"] = score, 0
+            return True, None
+        p["bad_epochs"] += 1
+        if cfg.patience and p["bad_epochs"] >= cfg.patience and epoch + 1 < cfg.epochs:
+            p["stopped"] = True
+            return False, (f"no lower validation loss for {cfg.patience} epoch(s) (patience): stopped after epoch "
+                           f"{epoch + 1} of {cfg.epochs}")
+        return False, None
+
+
+def as_config(config: TrainConfig | dict) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, another dataclass with its fields (a notebook's) or a dict."""
+    if isinstance(config, TrainConfig):
+        return config
+    if dataclasses.is_dataclass(config):  # e.g. a TrainConfig from a notebook that re-defined the class
+        return TrainConfig.from_params(**dataclasses.asdict(config))
+    return TrainConfig.from_params(**config)
+
+
+def train(config: TrainConfig | dict) -> Path:
+    """Fine-tune a CLIP with `config.method`; returns the merged open_clip checkpoint `final.safetensors`."""
+    return Trainer(as_config(config)).fit()
 
 # %% ../nbs/02_train.ipynb #c1a9f3e1
 def _literal(text: str) -> Any:

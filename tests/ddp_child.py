@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 # 33 rows in batches of 16: 16, 16 and a last batch of 1 row, fewer than the 2 processes
 N_TRAIN, N_VAL = 33, 8
 CONFIG = dict(pretrained=None, method="safeclip", epochs=3, batch_size=16, lr=2e-3, lora_rank=4, lora_alpha=4.0,
-              patience=1, save_every=1, progress=False, device="cpu", seed=0)
+              select="val_loss", patience=1, save_every=1, progress=False, device="cpu", seed=0,
+              precision="fp32")
 DIST_TIMEOUT_S = 90  # a rank stuck in a collective fails after this, so a hang shows up as an error, not a timeout
 
 
@@ -35,7 +36,7 @@ def replacements(T, batch_sizes: list | None = None) -> dict:
     real_validate, real_loss = T.validate, T.loss_for_method
 
     def flat_validate(*args, **kwargs):
-        return dict(real_validate(*args, **kwargs), val_rsum=1.0)  # never improves after epoch 1
+        return dict(real_validate(*args, **kwargs), val_loss=1.0)  # never improves after epoch 1
 
     def logged_loss(method, weights=None):
         fn = real_loss(method, weights)

@@ -25,7 +25,8 @@ def toy_data(monkeypatch):
 
 def _cfg(tmp_path, name, **kw):
     base = dict(pretrained=None, epochs=2, batch_size=16, lr=1e-3, out_dir=str(tmp_path / name),
-                cache_dir=str(tmp_path / "cache"), progress=False, save_every=1, lora_rank=4, lora_alpha=4.0)
+                cache_dir=str(tmp_path / "cache"), progress=False, save_every=1, lora_rank=4, lora_alpha=4.0,
+                precision="fp32")  # exact comparisons below; "auto" would pick bf16 on a CPU that has it
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -138,7 +139,7 @@ def test_frozen_reference_cached_not_recomputed(tmp_path, toy_data, monkeypatch)
         return real(*a, **k)
     monkeypatch.setattr(T, "embed_quadruplets", counting)
     T.train(_cfg(tmp_path, "run", method="safeclip", epochs=2))
-    assert calls["n"] == 1  # once per run, not once per step
+    assert calls["n"] == 2  # once per run (training rows, validation rows), not once per step
 
 
 def test_resume_is_exact(tmp_path, toy_data):
@@ -190,10 +191,10 @@ def test_nan_loss_stops_and_writes_nothing(tmp_path, toy_data, monkeypatch):
     assert not (tmp_path / "nan" / "state.safetensors").exists()
 
 
-def _flat_validation(monkeypatch, scores=None):
-    """Validation that runs for real but reports val_rsum from `scores` (call by call; default: always 1.0)."""
+def _flat_validation(monkeypatch, scores=None, key="val_loss"):
+    """Validation that runs for real but reports `key` from `scores` (call by call, epoch 0 first; default: 1.0)."""
     real, calls = T.validate, iter(scores or [])
-    monkeypatch.setattr(T, "validate", lambda *a, **k: dict(real(*a, **k), val_rsum=float(next(calls, 1.0))))
+    monkeypatch.setattr(T, "validate", lambda *a, **k: dict(real(*a, **k), **{key: float(next(calls, 1.0))}))
 
 
 def test_resume_refuses_a_changed_config_naming_it(tmp_path, toy_data, monkeypatch):
@@ -238,28 +239,48 @@ def test_grad_accum_equals_the_bigger_batch(tmp_path, monkeypatch):
     assert l2 < 1e-4, l2
 
 
-def test_val_metric_loss_selects_by_epoch_training_loss(tmp_path, toy_data, monkeypatch):
-    _flat_validation(monkeypatch, scores=[5, 4, 3, 2])  # R@1 sum falls every epoch: rsum would pick epoch 1
-    ckpt = T.train(_cfg(tmp_path, "run", method="safeclip", epochs=3, val_metric="loss", patience=0))
-    steps, epochs = T.read_jsonl(tmp_path / "run" / "steps.jsonl"), T.read_jsonl(tmp_path / "run" / "epochs.jsonl")[1:]
-    means = [float(np.mean([s["loss"] for s in steps if s["epoch"] == e])) for e in (1, 2, 3)]
-    assert [e["train_loss"] for e in epochs] == pytest.approx(means)
-    expected = [m < min(means[:i], default=float("inf")) for i, m in enumerate(means)]
-    assert [e["improved"] for e in epochs] == expected and expected != [True, False, False]
-    best = int(np.argmin(means)) + 1
-    assert read_meta(ckpt)["epoch"] == best and read_meta(ckpt)["selected"] == "best epoch-mean training loss"
+def test_default_keeps_the_last_epoch_even_when_recall_falls(tmp_path, toy_data, monkeypatch):
+    _flat_validation(monkeypatch, scores=[9, 5, 4, 3], key="val_rsum")  # the base wins on recall: the old rule's epoch 1
+    ckpt = T.train(_cfg(tmp_path, "run", method="safeclip", epochs=3))
+    meta = read_meta(ckpt)
+    assert (meta["epoch"], meta["epochs"], meta["selected"]) == (3, 3, T.SELECTIONS["last"])
+    last = load_state_dict(tmp_path / "run" / "last.safetensors")
+    assert all(torch.equal(v, last[k]) for k, v in load_state_dict(ckpt).items())    # final is the last epoch
+    assert [e["final"] for e in T.read_jsonl(tmp_path / "run" / "epochs.jsonl")[1:]] == [True, True, True]
+
+
+def test_select_val_loss_keeps_the_lowest_own_validation_loss(tmp_path, toy_data, monkeypatch):
+    _flat_validation(monkeypatch, scores=[9.0, 5.0, 3.0, 4.0])  # epoch 0 (base), 1, 2, 3: epoch 2 is lowest
+    ckpt = T.train(_cfg(tmp_path, "run", method="safeclip", epochs=3, select="val_loss"))
+    epochs = T.read_jsonl(tmp_path / "run" / "epochs.jsonl")
+    assert [e["val_loss"] for e in epochs] == [9.0, 5.0, 3.0, 4.0]
+    assert [e["final"] for e in epochs[1:]] == [True, True, False]
+    assert read_meta(ckpt)["epoch"] == 2 and read_meta(ckpt)["selected"] == T.SELECTIONS["val_loss"]
+
+
+def test_validation_loss_is_the_methods_own_objective(tmp_path, toy_data):
+    """val_loss of epoch 0 (the base) recomputed here from the base's embeddings and the method's loss."""
+    from saferclip.retrieval import embed_quadruplets
+    tr = T.Trainer(_cfg(tmp_path, "run", method="saferclip", epochs=1))
+    rec = T.read_jsonl(tmp_path / "run" / "epochs.jsonl")[0]
+    e = embed_quadruplets(tr.frozen.model, tr.frozen.tokenizer, toy_data[1])
+    idx = np.arange(len(toy_data[1]))       # 16 rows: one batch of 16
+    emb = T.EmbeddingBatch(txt_safe=e["t"], txt_unsafe=e["t*"], img_safe=e["v"], img_unsafe=e["v*"],
+                           **T.frozen_rows(tr.frozen.val.ref, idx, tr.frozen.val.targets, True, torch.device("cpu")))
+    assert rec["val_loss"] == pytest.approx(float(tr.loss_fn(emb)[0]), rel=1e-5)
+    assert tr.frozen.val.targets is not None and len(tr.frozen.val.targets) == 16   # mined within validation
 
 
 def test_patience_stops_early_and_says_so(tmp_path, toy_data, monkeypatch, capsys):
     _flat_validation(monkeypatch)  # never better than epoch 1
-    ckpt = T.train(_cfg(tmp_path, "run", method="safeclip", epochs=5, patience=2))
+    ckpt = T.train(_cfg(tmp_path, "run", method="safeclip", epochs=5, select="val_loss", patience=2))
     epochs = T.read_jsonl(tmp_path / "run" / "epochs.jsonl")
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]                   # 5 configured, stopped after 3
     assert "early_stop" not in epochs[2] and "patience" in epochs[3]["early_stop"]
     assert "stopped after epoch 3 of 5" in capsys.readouterr().out
     assert max(s["epoch"] for s in T.read_jsonl(tmp_path / "run" / "steps.jsonl")) == 3
     assert read_meta(ckpt)["epoch"] == 1                                  # the best epoch, not the last
-    T.train(_cfg(tmp_path, "run", method="safeclip", epochs=5, patience=2, resume=True))  # a stopped run stays stopped
+    T.train(_cfg(tmp_path, "run", method="safeclip", epochs=5, select="val_loss", patience=2, resume=True))  # stays stopped
     assert [e["epoch"] for e in T.read_jsonl(tmp_path / "run" / "epochs.jsonl")] == [0, 1, 2, 3]
 
 
@@ -281,14 +302,14 @@ def test_bf16_autocast_on_cpu_close_to_fp32(tmp_path, toy_data):
 VISU = ROOT_TESTS / "fixtures" / "visu"   # real ViSU layout: manifests/, coco/train2017, unsafe_images/
 
 
-def test_max_train_rows_through_the_real_loader():
+def test_max_train_rows_samples_rows_but_loads_every_row():
     cfg = dict(data="visu", data_root=str(VISU), pretrained=None)
     full, val, _ = T.load_training_data(T.TrainConfig(**cfg, max_val_rows=None))
-    capped, val1, _ = T.load_training_data(T.TrainConfig(**cfg, max_train_rows=3, max_val_rows=1))
-    assert (len(full), len(val), len(capped), len(val1)) == (4, 2, 3, 1)
-    assert set(capped.ids) < set(full.ids)
-    again, _, _ = T.load_training_data(T.TrainConfig(**cfg, max_train_rows=3))
-    assert again.ids == capped.ids                                       # a pure function of the seed
+    same, val1, _ = T.load_training_data(T.TrainConfig(**cfg, max_train_rows=3, max_val_rows=1))
+    assert (len(full), len(val), len(same), len(val1)) == (4, 2, 4, 1)   # the pool is never cut
+    rows = T.training_rows(T.TrainConfig(**cfg, max_train_rows=3), len(full))
+    assert len(rows) == 3 and set(rows) < set(range(4))
+    assert T.training_rows(T.TrainConfig(**cfg, max_train_rows=3), 4).tolist() == rows.tolist()  # pure in the seed
 
 
 def test_visu_end_to_end_through_the_real_loader(tmp_path):
@@ -298,11 +319,11 @@ def test_visu_end_to_end_through_the_real_loader(tmp_path):
                                  batch_size=2, max_train_rows=3, lr=1e-3, lora_rank=4, lora_alpha=4.0,
                                  out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), progress=False))
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (meta["data"]["source"], meta["n_train"], meta["n_val"]) == (str(VISU), 3, 2)
+    assert (meta["data"]["source"], meta["n_train"], meta["n_pool"], meta["n_val"]) == (str(VISU), 3, 4, 2)
     epochs = T.read_jsonl(tmp_path / "run" / "epochs.jsonl")
     assert [e["epoch"] for e in epochs] == [0, 1, 2] and [e["rows"] for e in epochs[1:]] == [1, 2]  # curriculum
     assert all(np.isfinite(s["loss"]) for s in T.read_jsonl(tmp_path / "run" / "steps.jsonl"))
-    assert np.load(tmp_path / "run" / "targets.npz")["target_index"].shape == (3,)
+    assert np.load(tmp_path / "run" / "targets.npz")["target_index"].shape == (4,)   # mined over every row
     open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(ckpt))
     assert sorted(p.relative_to(VISU) for p in VISU.rglob("*")) == before  # the dataset folder is read-only to us
 
@@ -353,3 +374,58 @@ def test_miner_settings_reach_the_miner():
         (False, "faiss", 16, 40, 64, 3)
     with pytest.raises(ValueError, match="hnsw_ef_search"):
         T.TrainConfig(pretrained=None, miner_hnsw_ef_search=0)
+
+
+def test_merged_checkpoint_reproduces_the_trained_peft_model(tmp_path, toy_data):
+    """final.safetensors (LoRA merged, stock open_clip) gives the embeddings of the trained peft model (fp32)."""
+    tr = T.Trainer(_cfg(tmp_path, "run", method="saferclip", epochs=2, precision="fp32"))
+    ckpt = tr.fit()
+    merged, _, tok = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(ckpt))[0], None, tr.frozen.tokenizer
+    merged.eval(); tr.model.eval()
+    q = toy_data[1]
+    imgs, texts = T.image_batch(q.safe_images, np.arange(len(q)), model=merged), tok(list(q.safe_captions))
+    with torch.no_grad():
+        d_img = (merged.encode_image(imgs) - tr.model.encode_image(imgs)).abs().max().item()
+        d_txt = (merged.encode_text(texts) - tr.model.encode_text(texts)).abs().max().item()
+        moved = (tr.model.encode_text(texts) - tr.frozen.model.encode_text(texts)).abs().max().item()
+    assert d_img <= 1e-4 and d_txt <= 1e-4, (d_img, d_txt)
+    assert moved > 1e-3                                   # and training did move the model: the check is not vacuous
+
+
+def test_frozen_reference_is_bit_identical_after_training(tmp_path, toy_data):
+    """The reference T0/V0 (weights and the cached embeddings) does not move while the LoRA copy trains."""
+    tr = T.Trainer(_cfg(tmp_path, "run", method="saferclip", epochs=2))
+    before = {k: v.clone() for k, v in tr.frozen.model.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in tr.frozen.ref.items()}
+    tr.fit()
+    after = tr.frozen.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(ref_before[k], tr.frozen.ref[k]) for k in ref_before)
+    assert not any(p.requires_grad for p in tr.frozen.model.parameters())
+    drift = T.read_jsonl(tmp_path / "run" / "epochs.jsonl")[-1]["drift_text"]
+    assert drift > 0                                      # the trained copy did move
+
+
+def test_proximity_targets_are_mined_over_every_row_not_the_sample(tmp_path, toy_data):
+    tr = T.Trainer(_cfg(tmp_path, "run", method="saferclip", epochs=1, max_train_rows=12))
+    assert len(tr.rows) == 12 and len(tr.frozen.mined.target_index) == 48
+    outside = np.setdiff1d(tr.frozen.mined.target_index, tr.rows)
+    assert len(outside) > 0                               # some targets are rows the run does not train on
+    assert set(np.concatenate(tr.schedule)) <= set(tr.rows)
+
+
+def test_infonce_uses_the_models_own_logit_scale(tmp_path, toy_data):
+    tr = T.Trainer(_cfg(tmp_path, "run", method="safeclip", epochs=1))
+    own = float(tr.frozen.model.logit_scale.exp())
+    assert tr.loss_fn.weights.logit_scale == pytest.approx(own) and json.loads(
+        (tmp_path / "run" / "config.json").read_text())["infonce_logit_scale"] == pytest.approx(own)
+    tr2 = T.Trainer(_cfg(tmp_path, "run2", method="safeclip", epochs=1, logit_scale=100.0))
+    assert tr2.loss_fn.weights.logit_scale == 100.0
+
+
+def test_per_term_gradient_norms_are_logged(tmp_path, toy_data):
+    T.train(_cfg(tmp_path, "run", method="safeclip", epochs=2, diag_every=2))   # 3 steps an epoch: steps 2, 4, 6
+    g = T.read_jsonl(tmp_path / "run" / "grads.jsonl")
+    assert [r["step"] for r in g] == [2, 4, 6]
+    terms = {f"gn_{k}" for k in T.weights_for_method("safeclip").TERMS}
+    assert set(g[0]) - {"step", "epoch"} == terms and all(r[k] > 0 for r in g for k in terms)
