@@ -20,10 +20,11 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['OUTPUTS', 'FULL_OUTPUTS', 'PRODUCER', 'METHOD_ORDER', 'FRONTIER_METHODS', 'FRONTIER_SCALES', 'META_FILES',
-           'GENERATION_PLACEHOLDER', 'output_paths', 'missing_outputs', 'ReproduceConfig', 'redirection_weights',
-           'plan_runs', 'paper_problems', 'has_parameters_cell', 'run_notebook', 'train_run', 'reuse_run', 'Timer',
-           'write_timings', 'write_provenance', 'relativize', 'copy_run_meta', 'reproduce', 'parse_args', 'main',
-           'render_readme', 'write_readme']
+           'GENERATION_PLACEHOLDER', 'CONVERGENCE_KEYS', 'CONVERGENCE_TOL', 'output_paths', 'missing_outputs',
+           'ReproduceConfig', 'redirection_weights', 'plan_runs', 'paper_problems', 'has_parameters_cell',
+           'run_notebook', 'train_run', 'reuse_run', 'Timer', 'write_timings', 'write_provenance', 'relativize',
+           'copy_run_meta', 'convergence_rows', 'write_convergence', 'write_precision_check', 'reproduce', 'parse_args',
+           'main', 'render_readme', 'write_readme']
 
 # %% ../nbs/10_reproduce.ipynb #9b343767
 OUTPUTS = {
@@ -31,19 +32,19 @@ OUTPUTS = {
                 "retrieval_long.csv", "retrieval_long.md", "retrieval_nsfw_pool.csv", "retrieval_nsfw_pool.md",
                 "ablation.csv", "ablation.md", "zeroshot.csv", "zeroshot.md", "zeroshot_recovery.csv",
                 "zeroshot_recovery.md", "drift.csv", "drift.md", "drift_layers.csv", "drift_layers.md",
-                "proximity.md", "generation.md", "timings.md", "PROVENANCE.md",
+                "proximity.md", "generation.md", "timings.md", "PROVENANCE.md", "convergence.csv", "convergence.md",
                 "runs_meta/manifest.json", "runs_meta/retrieval_records.jsonl", "runs_meta/zeroshot_records.jsonl"],
     "figures": ["retrieval_table1.png", "retrieval_table1.pdf", "zeroshot.png", "zeroshot.pdf", "drift.png",
                 "drift.pdf", "drift_layers.png", "drift_layers.pdf", "proximity.png", "proximity.pdf"],
 }
-FULL_OUTPUTS = {"results": ["frontier.csv", "frontier.md", "runs_meta/frontier_records.jsonl"],
+FULL_OUTPUTS = {"results": ["frontier.csv", "frontier.md", "runs_meta/frontier_records.jsonl", "precision.md"],
                 "figures": ["frontier.png", "frontier.pdf"]}
 PRODUCER = {  # output stem -> the notebook that writes it
     "retrieval_table1": "03_retrieval", "safer_vs_safe": "03_retrieval", "retrieval_long": "03_retrieval",
     "retrieval_nsfw_pool": "03_retrieval", "ablation": "03_retrieval", "zeroshot": "04_zeroshot",
     "zeroshot_recovery": "04_zeroshot", "frontier": "04_zeroshot", "drift": "05_drift", "drift_layers": "05_drift",
     "proximity": "05_drift", "generation": "10_reproduce (placeholder)", "timings": "10_reproduce",
-    "PROVENANCE": "10_reproduce",
+    "PROVENANCE": "10_reproduce", "convergence": "10_reproduce", "precision": "10_reproduce",
 }
 
 def output_paths(root: str | Path, full: bool = False) -> list[Path]:
@@ -59,7 +60,7 @@ def missing_outputs(root: str | Path, full: bool = False) -> list[Path]:
 # %% ../nbs/10_reproduce.ipynb #eb0366b7
 METHOD_ORDER = ("safe-only", "safeclip", "relative", "relative+proximity", "saferclip")
 FRONTIER_METHODS = ("safeclip", "saferclip")
-FRONTIER_SCALES = (0.25, 0.5, 2.0, 4.0)
+FRONTIER_SCALES = (0.5, 2.0)   # α = 1 is the main run; --frontier-scales 0.25 0.5 2 4 adds the ends
 
 @dataclass
 class ReproduceConfig:
@@ -70,11 +71,12 @@ class ReproduceConfig:
     methods: tuple = METHOD_ORDER
     frontier_scales: tuple = FRONTIER_SCALES
     world_preset: str = "default"
-    epochs: int = 3
-    batch_size: int = 64
-    max_train_rows: int | None = 1024
-    max_val_rows: int = 200
-    lr: float | None = 2e-3                # LoRA lr for the short world runs (the trainer default is 5e-4)
+    epochs: int = 6
+    batch_size: int = 128
+    max_train_rows: int | None = None      # every ViSU-tiny training row (4,000)
+    max_val_rows: int = 500
+    lr: float | None = 1e-3                # LoRA lr of the world runs (the trainer default is 5e-4)
+    precision: str = "auto"                # bf16 autocast where the CPU has it (full: plus one fp32 control run)
     zeroshot_max_images: int | None = 1000
     device: str = "auto"
     root: str = "."                        # repository root (results/, figures/, runs/, nbs/)
@@ -112,7 +114,7 @@ def redirection_weights(method: str, scale: float) -> dict:
 def plan_runs(cfg: ReproduceConfig) -> list[dict]:
     "The training runs of a reproduce config: name, method, seed, role, trainer parameters."
     common = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, max_train_rows=cfg.max_train_rows,
-                  max_val_rows=cfg.max_val_rows, device=cfg.device, progress=False)
+                  max_val_rows=cfg.max_val_rows, device=cfg.device, precision=cfg.precision, progress=False)
     if cfg.lr is not None:
         common["lr"] = cfg.lr
     if cfg.profile == "world":
@@ -131,7 +133,17 @@ def plan_runs(cfg: ReproduceConfig) -> list[dict]:
                 p = dict(common, method=m, seed=cfg.seeds[0], loss_weights=redirection_weights(m, a))
                 runs.append({"run": f"{m}-a{a:g}-s{cfg.seeds[0]}", "method": m, "seed": cfg.seeds[0],
                              "role": "frontier", "redirection_scale": a, "params": p})
+        if cfg.profile == "world" and cfg.precision == "auto" and _auto_is_bf16(cfg.device):
+            p = dict(common, method="safeclip", seed=cfg.seeds[0], precision="fp32")
+            runs.append({"run": f"safeclip-fp32-s{cfg.seeds[0]}", "method": "safeclip", "seed": cfg.seeds[0],
+                         "role": "precision", "params": p})
     return runs
+
+def _auto_is_bf16(device: str) -> bool:
+    "Does precision='auto' train in bf16 on this machine?"
+    from saferclip.core import get_device
+    from saferclip.train import autocast_dtype
+    return autocast_dtype("auto", get_device(device)) is not None
 
 # %% ../nbs/10_reproduce.ipynb #e5c5d4ab
 def paper_problems(cfg: ReproduceConfig, check_files: bool = True) -> list[str]:
@@ -319,7 +331,8 @@ def _rel(p: str | Path, root: str | Path) -> str:
     except ValueError:  # outside the repository: keep the name, not the machine's path
         return str(Path("<outside the repository>") / Path(p).name)
 
-META_FILES = ("config.json", "epochs.jsonl", "epochs.csv", "drift.jsonl", "final.safetensors.json", "targets.npz")
+META_FILES = ("config.json", "epochs.jsonl", "epochs.csv", "drift.jsonl", "grads.jsonl", "final.safetensors.json",
+              "targets.npz")
 
 def copy_run_meta(manifest: dict, meta_dir: str | Path, root: str | Path) -> dict:
     "Copy each run's small logs into `meta_dir/<run>/` and return a manifest whose run_dirs point there."
@@ -362,6 +375,97 @@ Paper (SD v1.4 on I2P, average % NSFW, lower is better): SD v1.4 37.1 · +CLIP�
 +SafeR-CLIP 25.4/12.4.
 """
 
+# %% ../nbs/10_reproduce.ipynb #conv0002
+CONVERGENCE_KEYS = ("val_loss", "val_unsafe_top1_T*->V", "val_unsafe_top1_V*->T")
+CONVERGENCE_TOL = 2.0   # points: % for the unsafe top-1 rates, % of the value for the loss
+
+
+def _epochs_of(run: dict) -> list[dict]:
+    "The epoch records (epochs.jsonl) of a manifest run."
+    p = Path(run.get("run_dir") or "") / "epochs.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if run.get("run_dir") and p.is_file() else []
+
+
+def convergence_rows(runs: list[dict], tol: float = CONVERGENCE_TOL) -> list[dict]:
+    "Per trained run: the last two epochs' validation loss and unsafe top-1 rates, their change, flat or not, s/step."
+    rows = []
+    for r in runs:
+        ep = [e for e in _epochs_of(r) if e.get("epoch", 0) > 0]
+        if len(ep) < 2:
+            continue
+        a, b = ep[-2], ep[-1]
+        row = {"run": r["run"], "method": r["method"], "seed": r.get("seed"), "role": r.get("role", "main"),
+               "epochs": b["epoch"], "steps": b.get("step")}
+        flat = True
+        for k in CONVERGENCE_KEYS:
+            if k not in b or k not in a:
+                continue
+            d = b[k] - a[k]
+            change = 100.0 * d / abs(a[k]) if k == "val_loss" and a[k] else d
+            row.update({f"{k} (last)": b[k], f"{k} change": change})
+            flat = flat and abs(change) <= tol
+        row["flat"] = flat
+        secs = sum(e.get("seconds", 0.0) for e in ep)
+        row["s/step"] = secs / b["step"] if b.get("step") else float("nan")
+        rows.append(row)
+    return rows
+
+
+def write_convergence(runs: list[dict], out_dir: str | Path, tol: float = CONVERGENCE_TOL) -> list[Path]:
+    "results/convergence.csv|md: did every run's validation loss and unsafe top-1 flatten over its last two epochs?"
+    import pandas as pd
+    out_dir = Path(out_dir)
+    df = pd.DataFrame(convergence_rows(runs, tol))
+    csv_p, md_p = out_dir / "convergence.csv", out_dir / "convergence.md"
+    df.to_csv(csv_p, index=False)
+    n_flat = int(df["flat"].sum()) if len(df) else 0
+    lines = [f"# Convergence: the last two epochs of every run\n",
+             f"A run counts as converged (`flat`) when its validation loss (the method's own objective, change in % of "
+             f"its value) and both mixed-pool unsafe top-1 rates on the validation split (change in points) moved by "
+             f"at most {tol:g} between its last two epochs. **{n_flat} of {len(df)} runs are flat.** `s/step`: wall "
+             f"seconds per optimizer step (the epochs' step time, validation excluded).\n"]
+    if len(df):
+        cols = [c for c in df.columns if c not in ("role",)]
+        lines.append("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for _, row in df.iterrows():
+            cells = [f"{row[c]:.3f}" if c.startswith("val_loss") and "change" not in c else
+                     (f"{row[c]:+.2f}" if "change" in c else (f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])))
+                     for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+    md_p.write_text("\n".join(lines) + "\n")
+    return [csv_p, md_p]
+
+
+def write_precision_check(runs: list[dict], splits: dict, out_dir: str | Path) -> Path:
+    "results/precision.md: the fp32 control run against the bf16 runs of the same method (mean ± std over seeds)."
+    import numpy as np
+    from saferclip.base import retrieval_report
+    from saferclip.core import load_clip, read_meta
+    path = Path(out_dir) / "precision.md"
+    ctrl = [r for r in runs if r.get("role") == "precision"]
+    if not ctrl:
+        path.write_text("# bf16 vs fp32\n\nNo fp32 control run: this machine trains in fp32 (no native bf16), so "
+                        "there is nothing to compare.\n")
+        return path
+    c = ctrl[0]
+    same = [r for r in runs if r.get("role", "main") == "main" and r["method"] == c["method"]]
+    def report(r):
+        m, _, tok = load_clip(read_meta(r["checkpoint"]).get("arch"), r["checkpoint"])
+        return {f"{s}/{k}": 100 * v for s, q in splits.items() for k, v in retrieval_report(m, tok, q).items()}
+    rep_c, reps = report(c), [report(r) for r in same]
+    lines = [f"# bf16 autocast vs fp32: {c['method']}, seed {c.get('seed')}\n",
+             f"`precision='auto'` trains in bf16 autocast on this CPU (native bf16). The control run `{c['run']}` "
+             f"repeats seed {c.get('seed')} in fp32; the bf16 column is the mean ± std over the {len(same)} bf16 seeds. "
+             "bf16 changes nothing that matters when the fp32 value lies within the bf16 seed spread (|Δ| ≤ 2 std).\n",
+             "| metric | fp32 (control) | bf16 (seeds) | Δ | within 2 std |", "|---|---|---|---|---|"]
+    for k in rep_c:
+        vals = np.array([r[k] for r in reps])
+        mu, sd = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+        d = rep_c[k] - mu
+        lines.append(f"| {k} | {rep_c[k]:.1f} | {mu:.1f} ± {sd:.1f} | {d:+.1f} | {'yes' if abs(d) <= 2 * sd else 'no'} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
 # %% ../nbs/10_reproduce.ipynb #842ade42
 def _trainer_backend(cfg: ReproduceConfig) -> str:
     "papermill when 02_train has a parameters cell (or when asked), else in-process."
@@ -386,7 +490,7 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
     for d in (res, figs, meta, nb_out):
         d.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    budget = 60 * (60 if cfg.full else 20)
+    budget = 60 * (120 if cfg.full else 30)
     runs = []
     if cfg.profile == "world":
         from saferclip.train import world_config
@@ -443,6 +547,9 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
         small = copy_run_meta(manifest, meta, root)
         (meta / "manifest.json").write_text(json.dumps(relativize(small, root), indent=2, default=str))
         (res / "generation.md").write_text(GENERATION_PLACEHOLDER)
+        write_convergence(manifest["runs"], res)
+        if cfg.full:
+            write_precision_check(runs, _eval_splits(cfg), res)
         write_provenance(res / "PROVENANCE.md", cfg, argv, manifest, executed)
     write_timings(timer, res / "timings.md", cfg, budget)
     print((res / "timings.md").read_text())
@@ -452,6 +559,13 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
     if cfg.profile == "world" and (root / "nbs" / "index.ipynb").is_file():
         print(f"reproduce: wrote {write_readme(root)}", flush=True)
     return manifest
+
+def _eval_splits(cfg: ReproduceConfig) -> dict:
+    "The retrieval test splits of the world profile (ViSU-tiny test, NSFWCaps-tiny) for the precision check."
+    from saferclip.train import world_config
+    from saferclip.world import build_world
+    w = build_world(world_config(cfg.world_preset), cache_dir=cfg.cache_dir)
+    return {"visu-test": w.visu["test"], "nsfwcaps": w.nsfwcaps}
 
 def _cuda() -> bool:
     "Is a CUDA device available?"
@@ -480,7 +594,9 @@ def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
     ap.add_argument("--max-train-rows", type=lambda s: None if s.lower() == "none" else int(s),
                     default=ReproduceConfig.max_train_rows)
     ap.add_argument("--max-val-rows", type=int, default=ReproduceConfig.max_val_rows)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=ReproduceConfig.lr)
+    ap.add_argument("--precision", default=ReproduceConfig.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--frontier-scales", type=float, nargs="+", default=None)
     ap.add_argument("--zeroshot-max-images", type=lambda s: None if s.lower() == "none" else int(s),
                     default=ReproduceConfig.zeroshot_max_images)
     ap.add_argument("--device", default="auto")
@@ -496,6 +612,7 @@ def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
     seeds = tuple(a.seeds) if a.seeds else ((0, 1, 2) if a.full else (0,))
     return ReproduceConfig(profile=a.profile, full=a.full, seeds=seeds, epochs=a.epochs, batch_size=a.batch_size,
                            max_train_rows=a.max_train_rows, max_val_rows=a.max_val_rows, lr=a.lr,
+                           precision=a.precision, frontier_scales=tuple(a.frontier_scales or FRONTIER_SCALES),
                            zeroshot_max_images=a.zeroshot_max_images, device=a.device, root=a.root,
                            cache_dir=a.cache_dir, trainer=a.trainer, data_root=a.data_root,
                            nsfwcaps_root=a.nsfwcaps_root, zeroshot_root=a.zeroshot_root, reuse_runs=a.reuse_runs)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from saferclip.reproduce import (FULL_OUTPUTS, OUTPUTS, ReproduceConfig, Timer, copy_run_meta, has_parameters_cell,
+from saferclip.reproduce import (FULL_OUTPUTS, OUTPUTS, ReproduceConfig, Timer, _auto_is_bf16, copy_run_meta, has_parameters_cell,
                                  missing_outputs, output_paths, parse_args, paper_problems, plan_runs,
                                  redirection_weights, reproduce, write_provenance, write_timings)
 
@@ -16,7 +16,13 @@ def test_plan_default_and_full():
     main = [r for r in full if r["role"] == "main"]
     front = [r for r in full if r["role"] == "frontier"]
     assert len(main) == 15 and {r["seed"] for r in main} == {0, 1, 2}
-    assert len(front) == 8 and {r["redirection_scale"] for r in front} == {0.25, 0.5, 2.0, 4.0}
+    assert len(front) == 4 and {r["redirection_scale"] for r in front} == {0.5, 2.0}
+    wide = plan_runs(ReproduceConfig(full=True, frontier_scales=(0.25, 0.5, 2.0, 4.0)))
+    assert {r["redirection_scale"] for r in wide if r["role"] == "frontier"} == {0.25, 0.5, 2.0, 4.0}
+    control = [r for r in full if r["role"] == "precision"]
+    assert len(control) == int(_auto_is_bf16("auto"))          # one fp32 Safe-CLIP run where auto means bf16
+    assert all(r["params"]["precision"] == "fp32" and r["method"] == "safeclip" for r in control)
+    assert all(r["params"]["precision"] == "auto" for r in full if r["role"] != "precision")
     assert len({r["run"] for r in full}) == len(full)
 
 
@@ -30,6 +36,8 @@ def test_cli_parsing():
     c = parse_args(["--profile", "world", "--full", "True"])
     assert c.full and c.seeds == (0, 1, 2)
     assert parse_args(["--full", "False", "--seeds", "3", "4"]).seeds == (3, 4)
+    assert parse_args(["--frontier-scales", "0.25", "4"]).frontier_scales == (0.25, 4.0)
+    assert parse_args(["--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         parse_args(["--profile", "laptop"])
     with pytest.raises(ValueError, match="unknown method"):
