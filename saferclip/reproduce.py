@@ -33,15 +33,20 @@ OUTPUTS = {
                 "ablation.csv", "ablation.md", "zeroshot.csv", "zeroshot.md", "zeroshot_recovery.csv",
                 "zeroshot_recovery.md", "drift.csv", "drift.md", "drift_layers.csv", "drift_layers.md",
                 "proximity.md", "generation.md", "timings.md", "PROVENANCE.md", "convergence.csv", "convergence.md",
+                "qualitative.md",
                 "runs_meta/manifest.json", "runs_meta/retrieval_records.jsonl", "runs_meta/zeroshot_records.jsonl"],
     "figures": ["retrieval_table1.png", "retrieval_table1.pdf", "zeroshot.png", "zeroshot.pdf", "drift.png",
-                "drift.pdf", "drift_layers.png", "drift_layers.pdf", "proximity.png", "proximity.pdf"],
+                "drift.pdf", "drift_layers.png", "drift_layers.pdf", "proximity.png", "proximity.pdf",
+                "qualitative_t2i.png", "qualitative_t2i.pdf", "qualitative_i2t.png", "qualitative_i2t.pdf",
+                "training_safeclip.png", "training_safeclip.pdf", "training_saferclip.png", "training_saferclip.pdf"],
 }
 FULL_OUTPUTS = {"results": ["frontier.csv", "frontier.md", "runs_meta/frontier_records.jsonl", "precision.md"],
                 "figures": ["frontier.png", "frontier.pdf"]}
 PRODUCER = {  # output stem -> the notebook that writes it
     "retrieval_table1": "03_retrieval", "safer_vs_safe": "03_retrieval", "retrieval_long": "03_retrieval",
-    "retrieval_nsfw_pool": "03_retrieval", "ablation": "03_retrieval", "zeroshot": "04_zeroshot",
+    "retrieval_nsfw_pool": "03_retrieval", "ablation": "03_retrieval", "qualitative": "03_retrieval",
+    "qualitative_t2i": "03_retrieval", "qualitative_i2t": "03_retrieval", "training_safeclip": "05_drift",
+    "training_saferclip": "05_drift", "zeroshot": "04_zeroshot",
     "zeroshot_recovery": "04_zeroshot", "frontier": "04_zeroshot", "drift": "05_drift", "drift_layers": "05_drift",
     "proximity": "05_drift", "generation": "10_reproduce (placeholder)", "timings": "10_reproduce",
     "PROVENANCE": "10_reproduce", "convergence": "10_reproduce", "precision": "10_reproduce",

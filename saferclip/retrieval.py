@@ -6,12 +6,13 @@
 __all__ = ['TIES', 'EMBEDDING_KEYS', 'RETRIEVAL_PAIRS', 'OURS', 'PAPER_SOURCE', 'METHOD_LABELS', 'PAPER_METHOD', 'SPLIT_LABELS',
            'TABLE1_PAIRS', 'TABLE1_KEYS', 'PAPER_TABLE1', 'PAPER_TABLE2_SOURCES', 'PAPER_TABLE2', 'TABLE1_METHODS',
            'ABLATION_METHODS', 'LONG_SPLITS', 'LONG_KS', 'POOL_KEYS', 'POOL_LABELS', 'ABLATION_KEYS', 'LOWER_IS_BETTER',
-           'INT_COLUMNS', 'EXACT_COLUMNS', 'RETRIEVAL_OUTPUTS', 'gt_ranks', 'recall_at_k', 'retrieval_metrics',
-           'unsafe_top1_rate', 'embed_quadruplets', 'evaluate_quadruplets', 'column_label', 'validate_records',
-           'merge_records', 'aggregate', 'paper_rows', 'table1', 'compare_methods', 'long_table', 'nsfw_pool_table',
-           'ablation_table', 'format_cell', 'markdown_table', 'write_table', 'read_table', 'tables_match',
-           'save_figure', 'plot_table1', 'evaluate_checkpoint', 'read_manifest', 'evaluate_runs', 'write_records',
-           'read_records', 'write_retrieval_results']
+           'INT_COLUMNS', 'EXACT_COLUMNS', 'RETRIEVAL_OUTPUTS', 'QUALITATIVE_METHODS', 'gt_ranks', 'recall_at_k',
+           'retrieval_metrics', 'unsafe_top1_rate', 'embed_quadruplets', 'evaluate_quadruplets', 'column_label',
+           'validate_records', 'merge_records', 'aggregate', 'paper_rows', 'table1', 'compare_methods', 'long_table',
+           'nsfw_pool_table', 'ablation_table', 'format_cell', 'markdown_table', 'write_table', 'read_table',
+           'tables_match', 'save_figure', 'plot_table1', 'evaluate_checkpoint', 'read_manifest', 'evaluate_runs',
+           'write_records', 'read_records', 'write_retrieval_results', 'qualitative_queries', 'qualitative_topk',
+           'plot_qualitative_t2i', 'plot_qualitative_i2t', 'qualitative_markdown', 'write_qualitative']
 
 # %% ../nbs/03_retrieval.ipynb #458b9591
 from typing import Sequence
@@ -565,4 +566,140 @@ def write_retrieval_results(records: list[dict], results_dir: str | Path, figure
     fig = plot_table1(t1)
     out["figure"] = save_figure(fig, figures_dir / "retrieval_table1")[0]
     plt.close(fig)
+    return out
+
+# %% ../nbs/03_retrieval.ipynb #qual0002
+QUALITATIVE_METHODS = ("base", "safeclip", "saferclip")
+
+
+def qualitative_queries(q, n: int = 8, seed: int = 0) -> np.ndarray:
+    "`n` rows of a split for the qualitative figure: one per unsafe tag in turn (seeded), so every category shows."
+    rng = np.random.default_rng(seed)
+    by_tag: dict = {}
+    for i in rng.permutation(len(q)):
+        by_tag.setdefault(q.tags[i], []).append(int(i))
+    rows, tags = [], sorted(by_tag)
+    while len(rows) < min(n, len(q)):
+        for t in tags:
+            if by_tag[t] and len(rows) < n:
+                rows.append(by_tag[t].pop(0))
+    return np.array(rows)
+
+
+@torch.no_grad()
+def qualitative_topk(model, tokenizer, q, rows: np.ndarray, k: int = 3, device=None, preprocess=None) -> dict:
+    "Top-k of the mixed pools for unsafe queries: images for captions t*, captions for images v* (index, is_unsafe)."
+    e = embed_quadruplets(model, tokenizer, q, device=device, preprocess=preprocess)
+    n = len(q)
+    imgs, caps = torch.cat([e["v"], e["v*"]]), torch.cat([e["t"], e["t*"]])   # pool index >= n: an unsafe item
+    out = {}
+    for name, queries, pool in (("t2i", e["t*"][rows], imgs), ("i2t", e["v*"][rows], caps)):
+        top = (queries @ pool.T).topk(k, dim=1).indices.numpy()
+        out[name] = [[(int(j % n), bool(j >= n)) for j in r] for r in top]
+    return out
+
+
+def _image_of(q, idx: int, unsafe: bool):
+    "An HWC uint8 array of item `idx` (tensor images or image files)."
+    src = q.unsafe_images if unsafe else q.safe_images
+    x = src[idx]
+    if isinstance(x, (str, Path)):
+        from PIL import Image
+        return np.asarray(Image.open(x).convert("RGB"))
+    x = torch.as_tensor(x)
+    return x.permute(1, 2, 0).numpy() if x.ndim == 3 and x.shape[0] in (1, 3) else x.numpy()
+
+
+def _wrap(text: str, width: int = 34) -> str:
+    "Text wrapped to `width` characters per line."
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def plot_qualitative_t2i(q, rows, tops: dict, k: int = 3):
+    "Unsafe caption → top-k of the mixed image pool, one column group per model; red frame = an unsafe image."
+    import matplotlib.pyplot as plt
+    names = list(tops)
+    fig, axes = plt.subplots(len(rows), 1 + k * len(names), figsize=(1.3 * (1 + k * len(names)) + 2.2, 1.45 * len(rows)),
+                             gridspec_kw={"width_ratios": [2.6] + [1] * (k * len(names))}, squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].text(0, 0.5, _wrap(q.unsafe_captions[row]), fontsize=7, va="center")
+        axes[r, 0].axis("off")
+        for m, name in enumerate(names):
+            for j, (idx, uns) in enumerate(tops[name]["t2i"][r]):
+                ax = axes[r, 1 + m * k + j]
+                ax.imshow(_image_of(q, idx, uns))
+                ax.set_xticks([]); ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_edgecolor("tab:red" if uns else "tab:green"); s.set_linewidth(3)
+                if r == 0 and j == 1:
+                    ax.set_title(name, fontsize=9)
+    fig.suptitle("Unsafe caption → top-3 of safe ∪ unsafe images (red frame: unsafe image, green: safe)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_qualitative_i2t(q, rows, tops: dict, k: int = 3):
+    "Unsafe image → top-k captions of the mixed caption pool per model (red: unsafe caption, green: safe)."
+    import matplotlib.pyplot as plt
+    names = list(tops)
+    fig, axes = plt.subplots(len(rows), 1 + len(names), figsize=(2 + 4.2 * len(names), 1.5 * len(rows)),
+                             gridspec_kw={"width_ratios": [0.45] + [1] * len(names)}, squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(_image_of(q, row, True)); axes[r, 0].set_xticks([]); axes[r, 0].set_yticks([])
+        for m, name in enumerate(names):
+            ax = axes[r, 1 + m]
+            ax.axis("off")
+            for j, (idx, uns) in enumerate(tops[name]["i2t"][r]):
+                cap = (q.unsafe_captions if uns else q.safe_captions)[idx]
+                ax.text(0, 0.85 - 0.33 * j, f"{j + 1}. " + _wrap(cap, 60), fontsize=6.5, va="top",
+                        color="tab:red" if uns else "tab:green")
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle("Unsafe image → top-3 of safe ∪ unsafe captions (red: unsafe caption, green: safe)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def qualitative_markdown(q, rows, tops: dict) -> str:
+    "Both directions as text: each query and every model's top-3 (⚠ marks an unsafe item)."
+    lines = ["# Qualitative retrieval: unsafe queries against mixed pools\n",
+             "Each unsafe query retrieves from the pool of all safe and unsafe items of the other modality (ViSU-tiny "
+             "test). ⚠ = an unsafe item; `#i` is the row of the split. Figures: `figures/qualitative_t2i.png`, "
+             "`figures/qualitative_i2t.png`.\n", "## Unsafe caption → images\n"]
+    for r, row in enumerate(rows):
+        lines.append(f"- **{q.unsafe_captions[row]}**")
+        for name, t in tops.items():
+            items = ", ".join(f"{'⚠ ' if u else ''}#{i}" for i, u in t["t2i"][r])
+            lines.append(f"  - {name}: {items} — {sum(u for _, u in t['t2i'][r])}/3 unsafe")
+    lines.append("\n## Unsafe image → captions\n")
+    for r, row in enumerate(rows):
+        lines.append(f"- **image #{row}** (its unsafe caption: {q.unsafe_captions[row]})")
+        for name, t in tops.items():
+            caps = "; ".join(f"{'⚠ ' if u else ''}{(q.unsafe_captions if u else q.safe_captions)[i]}" for i, u in t["i2t"][r])
+            lines.append(f"  - {name}: {caps}")
+    return "\n".join(lines) + "\n"
+
+
+def write_qualitative(runs: list[dict], q, results_dir, figures_dir, n: int = 8, k: int = 3, device: str = "cpu",
+                      methods=QUALITATIVE_METHODS) -> dict[str, Path]:
+    "figures/qualitative_t2i|i2t.png|pdf and results/qualitative.md for the first run of each of `methods`."
+    import matplotlib.pyplot as plt
+    from saferclip.core import load_clip, read_meta
+    pick = {m: next((r for r in runs if r["method"] == m), None) for m in methods}
+    pick = {m: r for m, r in pick.items() if r is not None}
+    rows = qualitative_queries(q, n)
+    tops = {}
+    for m, r in pick.items():
+        model, pre, tok = load_clip(read_meta(r["checkpoint"]).get("arch"), r["checkpoint"], device=device)
+        tops[f"{METHOD_LABELS.get(m, m)} ({r['run']})" if m != "base" else METHOD_LABELS[m]] = \
+            qualitative_topk(model, tok, q, rows, k, device=device, preprocess=pre)
+    out = {}
+    for name, fig in (("qualitative_t2i", plot_qualitative_t2i(q, rows, tops, k)),
+                      ("qualitative_i2t", plot_qualitative_i2t(q, rows, tops, k))):
+        out[name] = save_figure(fig, Path(figures_dir) / name)[0]
+        plt.close(fig)
+    md = Path(results_dir) / "qualitative.md"
+    md.write_text(qualitative_markdown(q, rows, tops))
+    out["qualitative"] = md
     return out
