@@ -244,6 +244,10 @@ def write_drift_results(runs: list[dict], results_dir, figures_dir, provenance: 
             rs = ours.loc[("saferclip", t), "ratio to Safe-CLIP (same steps)"]
             n_s, n_c = ours.loc[("saferclip", t), "steps"], ours.loc[("safeclip", t), "steps"]
             pr = PAPER_DRIFT["saferclip"][t][9] / PAPER_DRIFT["safeclip"][t][9]
+            if np.isnan(rs):   # logs without optimizer steps (older runs): the per-epoch comparison only
+                verdict.append(f"- {t} tower: SafeR-CLIP / Safe-CLIP = {r:.2f} (paper {pr:.2f}) → SafeR-CLIP moves "
+                               f"{'less' if r < 1 else 'more'} than Safe-CLIP per epoch in our runs (no step log).")
+                continue
             verdict.append(f"- {t} tower: SafeR-CLIP / Safe-CLIP = {r:.2f} per epoch (paper {pr:.2f}), {rs:.2f} at "
                            f"the same number of optimizer steps ({n_s:.0f} of Safe-CLIP's {n_c:.0f}) → per step, "
                            f"SafeR-CLIP moves {'less' if rs < 1 else 'more'} than Safe-CLIP in our runs.")

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'FULL_OUTPUTS', 'PRODUCER', 'METHOD_ORDER', 'FRONTIER_METHODS', 'FRONTIER_SCALES', 'META_FILES',
-           'GENERATION_PLACEHOLDER', 'CONVERGENCE_KEYS', 'CONVERGENCE_TOL', 'output_paths', 'missing_outputs',
-           'ReproduceConfig', 'redirection_weights', 'plan_runs', 'paper_problems', 'has_parameters_cell',
-           'run_notebook', 'train_run', 'reuse_run', 'Timer', 'write_timings', 'write_provenance', 'relativize',
-           'copy_run_meta', 'convergence_rows', 'write_convergence', 'write_precision_check', 'reproduce', 'parse_args',
-           'main', 'render_readme', 'write_readme']
+__all__ = ['OUTPUTS', 'FULL_OUTPUTS', 'PRODUCER', 'METHOD_ORDER', 'DEFAULT_METHODS', 'FRONTIER_METHODS', 'FRONTIER_SCALES',
+           'META_FILES', 'GENERATION_PLACEHOLDER', 'CONVERGENCE_KEYS', 'CONVERGENCE_TOL', 'output_paths',
+           'missing_outputs', 'ReproduceConfig', 'redirection_weights', 'plan_runs', 'paper_problems',
+           'has_parameters_cell', 'run_notebook', 'train_run', 'reuse_run', 'Timer', 'write_timings',
+           'write_provenance', 'relativize', 'copy_run_meta', 'convergence_rows', 'write_convergence',
+           'write_precision_check', 'reproduce', 'parse_args', 'main', 'render_readme', 'write_readme']
 
 # %% ../nbs/10_reproduce.ipynb #9b343767
 OUTPUTS = {
@@ -64,6 +64,7 @@ def missing_outputs(root: str | Path, full: bool = False) -> list[Path]:
 
 # %% ../nbs/10_reproduce.ipynb #eb0366b7
 METHOD_ORDER = ("safe-only", "safeclip", "relative", "relative+proximity", "saferclip")
+DEFAULT_METHODS = ("safe-only", "safeclip", "saferclip")   # one seed; --full True adds the two ablation steps
 FRONTIER_METHODS = ("safeclip", "saferclip")
 FRONTIER_SCALES = (0.5, 2.0)   # α = 1 is the main run; --frontier-scales 0.25 0.5 2 4 adds the ends
 
@@ -73,7 +74,7 @@ class ReproduceConfig:
     profile: str = "world"                 # "world" | "paper"
     full: bool = False                     # add seeds and the frontier sweep
     seeds: tuple = (0,)                    # seeds of the main runs (full: (0, 1, 2))
-    methods: tuple = METHOD_ORDER
+    methods: tuple = ()                    # () = DEFAULT_METHODS, or every method (METHOD_ORDER) with full
     frontier_scales: tuple = FRONTIER_SCALES
     world_preset: str = "default"
     epochs: int = 6
@@ -99,6 +100,7 @@ class ReproduceConfig:
             raise ValueError(f"profile must be 'world' or 'paper', got {self.profile!r}")
         if self.trainer not in ("auto", "papermill", "inprocess"):
             raise ValueError(f"trainer must be 'auto', 'papermill' or 'inprocess', got {self.trainer!r}")
+        self.methods = tuple(self.methods) or (METHOD_ORDER if self.full else DEFAULT_METHODS)
         bad = [m for m in self.methods if m not in METHOD_ORDER]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {list(METHOD_ORDER)}")

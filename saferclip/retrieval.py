@@ -338,7 +338,7 @@ def ablation_table(records: list[dict], keys=ABLATION_KEYS, steps=ABLATION_METHO
     refs = [m for m in references if any(r["method"] == m for r in records)]
     agg = aggregate(records, keys, refs + present)
     df = _with_labels(agg, OURS, METHOD_LABELS)
-    df.insert(2, "step", [("reference" if m in refs else f"{present.index(m)}") for m in agg.index])
+    df.insert(2, "step", [("reference" if m in refs else f"{list(steps).index(m)}") for m in agg.index])
     df["improves vs previous step"] = ""
     for i, m in enumerate(present[1:], 1):
         prev = present[i - 1]

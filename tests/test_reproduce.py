@@ -10,7 +10,7 @@ from saferclip.reproduce import (FULL_OUTPUTS, OUTPUTS, ReproduceConfig, Timer, 
 
 def test_plan_default_and_full():
     runs = plan_runs(ReproduceConfig())
-    assert [r["method"] for r in runs] == ["safe-only", "safeclip", "relative", "relative+proximity", "saferclip"]
+    assert [r["method"] for r in runs] == ["safe-only", "safeclip", "saferclip"]
     assert all(r["params"]["pretrained"] == "world-base" and r["seed"] == 0 for r in runs)
     full = plan_runs(ReproduceConfig(full=True))
     main = [r for r in full if r["role"] == "main"]
