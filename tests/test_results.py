@@ -52,7 +52,8 @@ def test_committed_frontier_rebuilds_from_committed_records():
     assert not missing, f"FULL-mode outputs missing; run `make reproduce FULL=True`: {[str(p) for p in missing]}"
     rebuilt = frontier_table(read_records(META / "frontier_records.jsonl"))
     assert tables_match(rebuilt, read_table(ROOT / "results" / "frontier.csv"))
-    assert {float(a) for a in rebuilt.redirection_scale} >= {0.25, 0.5, 1.0, 2.0, 4.0}, "the sweep needs >= 4 weights"
+    from saferclip.reproduce import FRONTIER_SCALES
+    assert {float(a) for a in rebuilt.redirection_scale} >= {1.0, *FRONTIER_SCALES}, "the sweep needs α = 1 and the default scales"
 
 
 def test_committed_drift_table_rebuilds_from_committed_logs():
