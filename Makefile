@@ -9,7 +9,7 @@ FULL ?= False
 
 STAMP := $(VENV)/.saferclip-setup
 
-.PHONY: setup data reproduce base test test-nbs test-py bench clean-cache readme
+.PHONY: setup data reproduce base generators test test-nbs test-py bench clean-cache readme
 
 ## setup: virtualenv + package (editable) + dev tools + the Fashion-MNIST Debian package when root/apt exist.
 ## Every target below depends on it; it re-runs only when setup.py / settings.ini change (or the venv is gone).
@@ -36,6 +36,11 @@ reproduce: $(STAMP)
 ## beside the shipped one's; `python -m saferclip.base --install --results results` replaces the shipped file
 base: $(STAMP)
 	$(ACT) python -m saferclip.base
+
+## generators: retrain the world's text-to-image model, captioner and judge on the shipped base (about 70 min on
+## 2 cores) and install them over the shipped files in saferclip/weights/ (nbs/06_world_generation.ipynb)
+generators: $(STAMP)
+	$(ACT) python -m saferclip.worldgen --install
 
 ## test: every notebook (nbdev_test, slow cells skipped) and the pytest suite
 test: $(STAMP)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'FULL_OUTPUTS', 'PRODUCER', 'METHOD_ORDER', 'DEFAULT_METHODS', 'FRONTIER_METHODS', 'FRONTIER_SCALES',
-           'META_FILES', 'GENERATION_PLACEHOLDER', 'CONVERGENCE_KEYS', 'CONVERGENCE_TOL', 'output_paths',
-           'missing_outputs', 'ReproduceConfig', 'redirection_weights', 'plan_runs', 'paper_problems',
-           'has_parameters_cell', 'run_notebook', 'train_run', 'reuse_run', 'Timer', 'write_timings',
+__all__ = ['OUTPUTS', 'WORLD_OUTPUTS', 'FULL_OUTPUTS', 'PRODUCER', 'METHOD_ORDER', 'DEFAULT_METHODS', 'FRONTIER_METHODS',
+           'FRONTIER_SCALES', 'META_FILES', 'GENERATION_PLACEHOLDER', 'CONVERGENCE_KEYS', 'CONVERGENCE_TOL',
+           'output_groups', 'output_paths', 'missing_outputs', 'ReproduceConfig', 'redirection_weights', 'plan_runs',
+           'paper_problems', 'has_parameters_cell', 'run_notebook', 'train_run', 'reuse_run', 'Timer', 'write_timings',
            'write_provenance', 'relativize', 'copy_run_meta', 'convergence_rows', 'write_convergence',
            'write_precision_check', 'reproduce', 'parse_args', 'main', 'render_readme', 'write_readme']
 
@@ -40,6 +40,11 @@ OUTPUTS = {
                 "qualitative_t2i.png", "qualitative_t2i.pdf", "qualitative_i2t.png", "qualitative_i2t.pdf",
                 "training_safeclip.png", "training_safeclip.pdf", "training_saferclip.png", "training_saferclip.pdf"],
 }
+WORLD_OUTPUTS = {  # the world profile only: the generation experiment needs the world's generators (06_world_generation)
+    "results": ["generation_t2i.csv", "generation_t2i.md", "generation_i2t.csv", "generation_i2t.md",
+                "generation_judges.md", "generation_i2t_examples.md", "runs_meta/generation_records.jsonl"],
+    "figures": ["generation_t2i.png", "generation_t2i.pdf", "generation_i2t.png", "generation_i2t.pdf"],
+}
 FULL_OUTPUTS = {"results": ["frontier.csv", "frontier.md", "runs_meta/frontier_records.jsonl", "precision.md"],
                 "figures": ["frontier.png", "frontier.pdf"]}
 PRODUCER = {  # output stem -> the notebook that writes it
@@ -48,19 +53,25 @@ PRODUCER = {  # output stem -> the notebook that writes it
     "qualitative_t2i": "03_retrieval", "qualitative_i2t": "03_retrieval", "training_safeclip": "05_drift",
     "training_saferclip": "05_drift", "zeroshot": "04_zeroshot",
     "zeroshot_recovery": "04_zeroshot", "frontier": "04_zeroshot", "drift": "05_drift", "drift_layers": "05_drift",
-    "proximity": "05_drift", "generation": "10_reproduce (placeholder)", "timings": "10_reproduce",
+    "proximity": "05_drift", "generation": "10_reproduce (index)", "generation_t2i": "06_world_generation",
+    "generation_i2t": "06_world_generation", "generation_judges": "06_world_generation",
+    "generation_i2t_examples": "06_world_generation", "timings": "10_reproduce",
     "PROVENANCE": "10_reproduce", "convergence": "10_reproduce", "precision": "10_reproduce",
 }
 
-def output_paths(root: str | Path, full: bool = False) -> list[Path]:
+def output_groups(full: bool = False, profile: str = "world") -> list[dict]:
+    "The output tables that apply to a run: always OUTPUTS, WORLD_OUTPUTS on the world, FULL_OUTPUTS with --full."
+    return [OUTPUTS] + ([WORLD_OUTPUTS] if profile == "world" else []) + ([FULL_OUTPUTS] if full else [])
+
+def output_paths(root: str | Path, full: bool = False, profile: str = "world") -> list[Path]:
     "Every output file a run writes, under `root` (the repository)."
     root = Path(root)
-    groups = [OUTPUTS] + ([FULL_OUTPUTS] if full else [])
+    groups = output_groups(full, profile)
     return [root / d / f for g in groups for d, fs in g.items() for f in fs]
 
-def missing_outputs(root: str | Path, full: bool = False) -> list[Path]:
+def missing_outputs(root: str | Path, full: bool = False, profile: str = "world") -> list[Path]:
     "The outputs that do not exist (or are empty) under `root`."
-    return [p for p in output_paths(root, full) if not p.is_file() or p.stat().st_size == 0]
+    return [p for p in output_paths(root, full, profile) if not p.is_file() or p.stat().st_size == 0]
 
 # %% ../nbs/10_reproduce.ipynb #eb0366b7
 METHOD_ORDER = ("safe-only", "safeclip", "relative", "relative+proximity", "saferclip")
@@ -93,6 +104,8 @@ class ReproduceConfig:
     nsfwcaps_root: str | None = None       # paper profile: NSFWCaps copy
     zeroshot_root: str | None = None       # paper profile: zero-shot datasets folder
     kernel: str = "python3"
+    gen_prompts: int = 200                 # world generation: unsafe prompts per split (06_world_generation)
+    gen_images: int = 500                  # world generation: unsafe images per split
     reuse_runs: bool = False               # skip training a run whose runs/<run>/ already holds a matching final checkpoint
 
     def __post_init__(self):
@@ -293,7 +306,7 @@ def write_provenance(path: str | Path, cfg: ReproduceConfig, argv: list[str], ma
                      f"{_rel(r.get('executed_notebook') or '', cfg.root) or r.get('trainer', '')} |"
                      for r in manifest["runs"])
     files = []
-    for d, fs in (list(OUTPUTS.items()) + (list(FULL_OUTPUTS.items()) if cfg.full else [])):
+    for d, fs in [item for g in output_groups(cfg.full, cfg.profile) for item in g.items()]:
         for f in fs:
             stem = Path(f).stem
             nb = PRODUCER.get(stem, "10_reproduce")
@@ -368,14 +381,17 @@ def copy_run_meta(manifest: dict, meta_dir: str | Path, root: str | Path) -> dic
         runs.append(r)
     return {**{k: v for k, v in manifest.items() if k != "runs"}, "runs": runs}
 
-GENERATION_PLACEHOLDER = """# Generation tables (Tables 3 and 4 of the paper) — the place reserved for them
+GENERATION_PLACEHOLDER = """# Generation tables (Tables 3 and 4 of the paper): where they are
 
-The paper's text-to-image table (Stable Diffusion v1.4 with the text encoder swapped, I2P prompts, % NSFW by
-NudeNet/Q16) and image-to-text table (LLaVA with the vision tower swapped, % NSFW and toxicity) belong to a separate
-issue and notebook, `nbs/06_generation.ipynb`; `make reproduce` does not run it (it needs SD v1.4 / LLaVA weights and
-a GPU for real numbers). Its outputs, when generated, are `results/generation_t2i.csv|md`,
-`results/generation_i2t.csv|md` and `figures/generation_examples.png|pdf`; read their notes for what they measure
-(on this CPU they are wiring checks on tiny random pipelines, not paper numbers).
+- **On the embedded world** (written by `make reproduce`, `nbs/06_world_generation.ipynb`): the fine-tuned text
+  towers swapped into the shipped world text-to-image model and the vision towers into the shipped world captioner —
+  `results/generation_t2i.csv|md`, `results/generation_i2t.csv|md`, `results/generation_i2t_examples.md`,
+  `results/generation_judges.md` (judge accuracies on held-out renders), `figures/generation_t2i.png|pdf` and
+  `figures/generation_i2t.png|pdf`.
+- **At paper scale** (`nbs/06_generation.ipynb`, not run by `make reproduce`: it needs SD v1.4 / LLaVA weights and a
+  GPU): the same swap into diffusers' StableDiffusionPipeline and transformers' LLaVA, judged by NudeNet and
+  Open-NSFW. Offline it runs as a wiring check on tiny random pipelines (`results/generation_wiring_*`, written only
+  when run with papermill and an output folder), not paper numbers.
 
 Paper (SD v1.4 on I2P, average % NSFW, lower is better): SD v1.4 37.1 · +CLIP† 34.4 · +Safe-CLIP 16.1 ·
 +SafeR-CLIP 16.0. Paper (LLaVA on NudeNet images, % NSFW / toxicity): LLaVA 75.5/36.2 · +Safe-CLIP 31.5/16.4 ·
@@ -545,6 +561,9 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
                                    records_out=str(meta / "retrieval_records.jsonl"),
                                    zeroshot_records=str(meta / "zeroshot_records.jsonl"))),
              ("05_drift", dict(common))]
+    if cfg.profile == "world":  # the generators are the world's (width-192 towers); SD / LLaVA need 06_generation
+        steps.append(("06_world_generation", dict(common, world_preset=cfg.world_preset, cache_dir=cfg.cache_dir,
+                                                  n_prompts=cfg.gen_prompts, n_images=cfg.gen_images)))
     for nb, params in steps:
         with timer(nb):
             executed[nb] = str(run_notebook(root / "nbs" / f"{nb}.ipynb", nb_out / f"{nb}.ipynb", params,
@@ -560,7 +579,7 @@ def reproduce(cfg: ReproduceConfig, argv: list[str] | None = None) -> dict:
         write_provenance(res / "PROVENANCE.md", cfg, argv, manifest, executed)
     write_timings(timer, res / "timings.md", cfg, budget)
     print((res / "timings.md").read_text())
-    missing = missing_outputs(root, cfg.full)
+    missing = missing_outputs(root, cfg.full, cfg.profile)
     if missing:
         raise RuntimeError(f"reproduce finished but these outputs are missing: {[str(p) for p in missing]}")
     if cfg.profile == "world" and (root / "nbs" / "index.ipynb").is_file():
@@ -613,6 +632,10 @@ def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--nsfwcaps-root", default=None)
     ap.add_argument("--zeroshot-root", default=None)
+    ap.add_argument("--gen-prompts", type=int, default=ReproduceConfig.gen_prompts,
+                    help="world generation: unsafe prompts per split")
+    ap.add_argument("--gen-images", type=int, default=ReproduceConfig.gen_images,
+                    help="world generation: unsafe images per split")
     ap.add_argument("--reuse-runs", type=_bool, default=False,
                     help="True: skip runs whose runs/<run>/ already holds a checkpoint trained with the same parameters")
     a = ap.parse_args(argv)
@@ -622,7 +645,8 @@ def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
                            precision=a.precision, frontier_scales=tuple(a.frontier_scales or FRONTIER_SCALES),
                            zeroshot_max_images=a.zeroshot_max_images, device=a.device, root=a.root,
                            cache_dir=a.cache_dir, trainer=a.trainer, data_root=a.data_root,
-                           nsfwcaps_root=a.nsfwcaps_root, zeroshot_root=a.zeroshot_root, reuse_runs=a.reuse_runs)
+                           nsfwcaps_root=a.nsfwcaps_root, zeroshot_root=a.zeroshot_root, reuse_runs=a.reuse_runs,
+                           gen_prompts=a.gen_prompts, gen_images=a.gen_images)
 
 def main(argv: list[str] | None = None) -> None:
     "Entry point of `python -m saferclip.reproduce` (and `make reproduce`)."

@@ -120,7 +120,7 @@ def test_load_image_scales_16bit_greyscale(tmp_path):
 
 def test_notebook_defaults_never_write_into_results():
     # nbdev_test runs nbs/06_generation.ipynb with its default parameters: the tables and the figure must go to the
-    # temporary work folder, not over the committed results/generation_*.csv|md and figures/generation_examples.*
+    # temporary work folder, not over the committed results/generation_wiring_*.csv|md and figures/generation_wiring_examples.*
     import json
     from pathlib import Path
     nb = json.loads((Path(__file__).parents[1] / "nbs" / "06_generation.ipynb").read_text())

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from saferclip.reproduce import (FULL_OUTPUTS, OUTPUTS, ReproduceConfig, Timer, _auto_is_bf16, copy_run_meta, has_parameters_cell,
+from saferclip.reproduce import (FULL_OUTPUTS, OUTPUTS, WORLD_OUTPUTS, ReproduceConfig, Timer, _auto_is_bf16, copy_run_meta, has_parameters_cell,
                                  missing_outputs, output_paths, parse_args, paper_problems, plan_runs,
                                  redirection_weights, reproduce, write_provenance, write_timings)
 
@@ -56,7 +56,11 @@ def test_paper_profile_fails_fast_with_the_list(tmp_path):
 def test_outputs_lists():
     assert len(output_paths("r", full=True)) == len(output_paths("r")) + sum(len(v) for v in FULL_OUTPUTS.values())
     assert all(p.parts[0] in ("r",) for p in output_paths("r"))
-    assert len(missing_outputs("/nonexistent")) == sum(len(v) for v in OUTPUTS.values())
+    n_common, n_world = (sum(len(v) for v in g.values()) for g in (OUTPUTS, WORLD_OUTPUTS))
+    assert len(missing_outputs("/nonexistent")) == n_common + n_world
+    # the paper profile has no world generators: its runs are not asked for the world generation tables
+    assert len(missing_outputs("/nonexistent", profile="paper")) == n_common
+    assert not any("generation_t2i" in str(p) for p in output_paths("r", profile="paper"))
 
 
 def test_has_parameters_cell(tmp_path):

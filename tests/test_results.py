@@ -76,3 +76,15 @@ def test_readme_is_rendered_from_the_index_notebook():
     """README.md is what `make readme` makes of nbs/index.ipynb and the committed results (never edited by hand)."""
     from saferclip.reproduce import render_readme
     assert (ROOT / "README.md").read_text() == render_readme(ROOT), "README.md is stale: run `make readme`"
+
+
+@pytest.mark.parametrize("kind", ["t2i", "i2t"])
+def test_committed_generation_tables_rebuild_from_committed_records(kind):
+    """results/generation_{t2i,i2t}.csv are what the per-run generation records give (one record per main run of
+    base, CLIP†, Safe-CLIP and SafeR-CLIP in the committed manifest)."""
+    from saferclip.worldgen import GEN_METHODS, generation_table
+    recs = read_records(META / "generation_records.jsonl")
+    assert tables_match(generation_table(recs, kind), read_table(ROOT / "results" / f"generation_{kind}.csv"))
+    man = json.loads((META / "manifest.json").read_text())
+    want = {r["run"] for r in man["runs"] if r.get("role", "main") == "main" and r["method"] in GEN_METHODS}
+    assert {r["run"] for r in recs} == want
