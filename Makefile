@@ -37,7 +37,7 @@ reproduce: $(STAMP)
 base: $(STAMP)
 	$(ACT) python -m saferclip.base
 
-## generators: retrain the world's text-to-image model, captioner and judge on the shipped base (about 70 min on
+## generators: retrain the world's text-to-image model, captioner and judge on the shipped base (about an hour on
 ## 2 cores) and install them over the shipped files in saferclip/weights/ (nbs/06_world_generation.ipynb)
 generators: $(STAMP)
 	$(ACT) python -m saferclip.worldgen --install
