@@ -53,7 +53,7 @@ PRODUCER = {  # output stem -> the notebook that writes it
     "qualitative_t2i": "03_retrieval", "qualitative_i2t": "03_retrieval", "training_safeclip": "05_drift",
     "training_saferclip": "05_drift", "zeroshot": "04_zeroshot",
     "zeroshot_recovery": "04_zeroshot", "frontier": "04_zeroshot", "drift": "05_drift", "drift_layers": "05_drift",
-    "proximity": "05_drift", "generation": "10_reproduce (index)", "generation_t2i": "06_world_generation",
+    "proximity": "05_drift", "generation": "10_reproduce index", "generation_records": "06_world_generation", "generation_t2i": "06_world_generation",
     "generation_i2t": "06_world_generation", "generation_judges": "06_world_generation",
     "generation_i2t_examples": "06_world_generation", "timings": "10_reproduce",
     "PROVENANCE": "10_reproduce", "convergence": "10_reproduce", "precision": "10_reproduce",
